@@ -1,0 +1,68 @@
+/*
+ * backend.h - the table of function pointers a compute backend fills (after ggml-backend-impl.h and
+ * BLIS's bli_cntx_init_*).  lib/ops.c validates shapes once and calls a slot; the CPU table
+ * (lib/cpu/backend.c) is the reference and fills every slot; kernels/cuda.cu fills what it can, and an
+ * empty slot makes the op fail with "<op>: not implemented on cuda".  Slots see raw pointers that are
+ * already on the backend's device; they return 0 or -1 with sd_seterr().
+ */
+#ifndef SD_BACKEND_H
+#define SD_BACKEND_H
+
+#include "sd.h"
+
+struct sd_backend {
+	const char *name;
+	enum sd_device device;
+
+	/* ---- memory ---- */
+	void *(*alloc)(size_t bytes);              /* 64-byte aligned on the CPU; NULL with a message */
+	void (*free)(void *p);
+	int (*memset0)(void *p, size_t bytes);
+	/* copy n bytes; each side is on the host or on this backend's device as its `*_dev` flag says */
+	int (*copy)(void *dst, int dst_dev, const void *src, int src_dev, size_t n);
+	int (*sync)(void);
+
+	/* ---- ops ---- */
+	/* Strided batched sgemm, row-major: for b in [0,batch): C_b = alpha·op(A_b)·op(B_b) + beta·C_b,
+	 * C_b is M×N (ldc), A_b is M×K (or K×M when ta) with lda, B_b K×N (or N×K when tb) with ldb. */
+	int (*gemm)(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
+	            const float *A, int64_t lda, int64_t strideA,
+	            const float *B, int64_t ldb, int64_t strideB,
+	            float beta, float *C, int64_t ldc, int64_t strideC, int64_t batch);
+	/* out (N,O,Ho,Wo) = conv(x (N,C,H,W), w (O,C,kh,kw)) + b (O, may be NULL), zero padding */
+	int (*conv2d)(float *out, const float *x, const float *w, const float *b, int64_t N, int64_t C,
+	              int64_t H, int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl,
+	              int64_t Ho, int64_t Wo);
+	/* x (N, C, S) normalised per (n, group) of C/groups channels, then ·gamma + beta, then SiLU if silu */
+	int (*group_norm)(float *out, const float *x, const float *gamma, const float *beta, int64_t N,
+	                  int64_t C, int64_t S, int groups, float eps, int silu);
+	/* rows × D, normalised per row */
+	int (*layer_norm)(float *out, const float *x, const float *gamma, const float *beta, int64_t rows,
+	                  int64_t D, float eps);
+	int (*act)(float *out, const float *x, int64_t n, enum sd_act act);
+	/* x rows × 2F → out rows × F */
+	int (*geglu)(float *out, const float *x, int64_t rows, int64_t F);
+	/* out[i] = alpha·a[i] + beta·b[(i / S) % m], i < n (b == NULL: out = alpha·a) */
+	int (*add)(float *out, const float *a, const float *b, float alpha, float beta, int64_t n, int64_t m,
+	           int64_t S);
+	/* out = a ⊙ b */
+	int (*mul)(float *out, const float *a, const float *b, int64_t n);
+	/* row softmax of x·scale over `cols` of each of `rows` rows (row stride ld), in place; when
+	 * causal >= 0, entries j > r + causal of row r are masked (probability 0) */
+	int (*softmax)(float *x, int64_t rows, int64_t cols, int64_t ld, float scale, int64_t causal);
+	/* out[b][j][i] = x[b][i][j] for x (batch, R, C) */
+	int (*transpose)(float *out, const float *x, int64_t batch, int64_t R, int64_t C);
+	/* nearest ×2: (P, H, W) → (P, 2H, 2W) */
+	int (*upsample2x)(float *out, const float *x, int64_t P, int64_t H, int64_t W);
+	/* out (n × D) = table[ids[i]] (ids host or device memory as the backend keeps it, checked < V) */
+	int (*embedding)(float *out, const int32_t *ids, const float *table, int64_t n, int64_t V, int64_t D);
+};
+
+extern const struct sd_backend sd_cpu_backend;
+/* NULL when built without CUDA or no GPU can be used (then sd_errmsg says why). */
+const struct sd_backend *sd_cuda_backend(void);
+
+/* Apply sd_threads() to OpenBLAS/OpenMP once (called by the CPU backend before its first op). */
+void sd_threads_apply(void);
+
+#endif

@@ -1,0 +1,151 @@
+/*
+ * cli.c - what every program in cmd/ shares (after sbase's eprintf.c and coreutils' close-stdout):
+ * messages "<prog>: …" on stderr, exit statuses 0/1/2, range-checked option parsing, and closing stdout
+ * with a check for write errors.  The only part of libsd that prints or exits; tools alone call it.
+ */
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "sd_cli.h"
+
+const char *sd_prog = "sdpipe";
+int sd_verbose;
+static int stdout_closed;
+
+static void at_exit(void)
+{
+	if (!stdout_closed) sd_close_stdout();
+}
+
+void sd_cli_init(int argc, char **argv)
+{
+	(void)argc;
+	if (argv && argv[0]) {
+		const char *s = strrchr(argv[0], '/');
+		sd_prog = s ? s + 1 : argv[0];
+	}
+	static char buf[1 << 16];
+	setvbuf(stdout, buf, _IOFBF, sizeof buf);
+	/* a closed pipe downstream is a write error we report, not a silent death */
+	signal(SIGPIPE, SIG_IGN);
+	atexit(at_exit);
+}
+
+static void vmsg(const char *fmt, va_list ap, const char *tail)
+{
+	fflush(stdout);
+	fprintf(stderr, "%s: ", sd_prog);
+	vfprintf(stderr, fmt, ap);
+	if (tail) fprintf(stderr, ": %s", tail);
+	fputc('\n', stderr);
+}
+
+void sd_die(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vmsg(fmt, ap, NULL);
+	va_end(ap);
+	stdout_closed = 1; /* nothing more is written: do not report a second error at exit */
+	_exit(1);
+}
+
+void sd_die_lib(const char *fmt, ...)
+{
+	va_list ap;
+	char e[1024];
+	snprintf(e, sizeof e, "%s", sd_errmsg());
+	va_start(ap, fmt);
+	vmsg(fmt, ap, e);
+	va_end(ap);
+	stdout_closed = 1;
+	_exit(1);
+}
+
+void sd_usage_error(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vmsg(fmt, ap, NULL);
+	va_end(ap);
+	fprintf(stderr, "Try '%s --help'.\n", sd_prog);
+	stdout_closed = 1;
+	_exit(2);
+}
+
+void sd_warn(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vmsg(fmt, ap, NULL);
+	va_end(ap);
+}
+
+void sd_info(const char *fmt, ...)
+{
+	if (!sd_verbose) return;
+	va_list ap;
+	va_start(ap, fmt);
+	vmsg(fmt, ap, NULL);
+	va_end(ap);
+}
+
+long long sd_parse_int(const char *opt, const char *s, long long lo, long long hi)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (!*s || *end || errno || v < lo || v > hi)
+		sd_usage_error("%s: '%s' is not an integer in [%lld, %lld]", opt, s, lo, hi);
+	return v;
+}
+
+double sd_parse_float(const char *opt, const char *s, double lo, double hi)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(s, &end);
+	if (!*s || *end || errno || !isfinite(v) || v < lo || v > hi)
+		sd_usage_error("%s: '%s' is not a number in [%g, %g]", opt, s, lo, hi);
+	return v;
+}
+
+void sd_print_version(void)
+{
+	printf("%s (sdpipe) %s\n", sd_prog, SD_VERSION);
+	sd_close_stdout();
+	exit(0);
+}
+
+FILE *sd_open_in(const char *path)
+{
+	if (!path || !strcmp(path, "-")) return stdin;
+	FILE *f = fopen(path, "rb");
+	if (!f) sd_die("%s: %s", path, strerror(errno));
+	return f;
+}
+
+void sd_write_frame_or_die(const sd_value *frame)
+{
+	if (sd_frame_write(stdout, frame) < 0) sd_die_lib("stdout");
+}
+
+void sd_close_stdout(void)
+{
+	if (stdout_closed) return;
+	stdout_closed = 1;
+	int bad = ferror(stdout);
+	if (fclose(stdout) != 0 || bad) {
+		fprintf(stderr, "%s: write error: %s\n", sd_prog, errno ? strerror(errno) : "I/O error");
+		_exit(1);
+	}
+}
+
+int sd_stderr_tty(void)
+{
+	return isatty(2);
+}

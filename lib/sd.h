@@ -1,0 +1,367 @@
+/*
+ * sd.h - the public interface of libsd, the core library of sdpipe.
+ *
+ * Conventions (after stb and libarchive): the library never prints and never exits.  A function that can
+ * fail returns 0 on success and -1 on failure (or NULL for constructors) and leaves a one-line message for
+ * sd_errmsg().  The caller owns what a *_new / *_open returns and releases it with the matching *_free /
+ * *_close; every *_free(NULL) is a no-op.  Shapes are in PyTorch order (row-major, NCHW for images).
+ */
+#ifndef SD_H
+#define SD_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define SD_VERSION "0.1.0"
+
+/* ==== errors ==== */
+
+/* The last error message of the calling thread ("" when none). */
+const char *sd_errmsg(void);
+/* Set the calling thread's error message (printf-style); always returns -1 so that callers can write
+ * `return sd_seterr("…")`. */
+int sd_seterr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Prefix the current message with "<prefix>: " (used to add context while an error travels up). */
+int sd_preerr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ==== dtypes ==== */
+
+enum sd_dtype {
+	SD_DTYPE_F32 = 0,
+	SD_DTYPE_F16,
+	SD_DTYPE_BF16,
+	SD_DTYPE_I32,
+	SD_DTYPE_I64,
+	SD_DTYPE_U8,
+	SD_DTYPE_F64, /* not in sd-tensor(5)'s core list, but safetensors files (torch float64) carry it */
+	SD_DTYPE_COUNT
+};
+
+size_t sd_dtype_size(enum sd_dtype t);
+/* Stream names: "f32", "f16", "bf16", "i32", "i64", "u8", "f64". */
+const char *sd_dtype_name(enum sd_dtype t);
+/* Parse a stream dtype name of length n; 0 on success, -1 (with a message) on an unknown name. */
+int sd_dtype_parse(const char *name, size_t n, enum sd_dtype *out);
+int sd_dtype_is_float(enum sd_dtype t);
+
+float sd_f16_to_f32(uint16_t h);
+uint16_t sd_f32_to_f16(float f); /* round to nearest even, overflow to inf, NaN kept */
+float sd_bf16_to_f32(uint16_t h);
+uint16_t sd_f32_to_bf16(float f); /* round to nearest even, NaN kept */
+
+/* ==== tensors ==== */
+
+#define SD_MAX_DIMS 8
+
+enum sd_device { SD_DEVICE_CPU = 0, SD_DEVICE_CUDA = 1 };
+
+typedef struct sd_tensor {
+	enum sd_dtype dtype;
+	int ndim;
+	int64_t shape[SD_MAX_DIMS];
+	void *data;            /* host memory for CPU, device memory for CUDA */
+	enum sd_device device;
+	int owns;              /* 1: data is freed with the tensor; 0: a view (mmap, arena, caller memory) */
+} sd_tensor;
+
+/* Product of a shape with overflow checking: 0 and *numel set, or -1 when it overflows int64 or a
+ * dimension is negative or ndim is out of [0, SD_MAX_DIMS]. */
+int sd_shape_numel(int ndim, const int64_t *shape, int64_t *numel);
+
+/* A new zero-filled CPU tensor (64-byte aligned data).  NULL with a message on a bad shape or no memory. */
+sd_tensor *sd_tensor_new(enum sd_dtype dtype, int ndim, const int64_t *shape);
+/* Same on a device (memory from that device's backend, not zeroed on CUDA unless stated). */
+sd_tensor *sd_tensor_new_on(enum sd_device dev, enum sd_dtype dtype, int ndim, const int64_t *shape);
+/* A view: the tensor does not own data and will not free it. */
+sd_tensor *sd_tensor_wrap(enum sd_dtype dtype, int ndim, const int64_t *shape, void *data);
+/* Convenience for up to 4 dimensions: sd_tensor_new4(SD_DTYPE_F32, 2, 3, 4, 0, 0) is shape [2,3,4]. */
+sd_tensor *sd_tensor_newv(enum sd_dtype dtype, int ndim, ...);
+void sd_tensor_free(sd_tensor *t);
+
+int64_t sd_tensor_numel(const sd_tensor *t);
+size_t sd_tensor_nbytes(const sd_tensor *t);
+/* 1 when the shapes are equal. */
+int sd_tensor_same_shape(const sd_tensor *a, const sd_tensor *b);
+/* Human-readable shape "[1,4,64,64]" into buf (always NUL-terminated); returns buf. */
+char *sd_shape_str(int ndim, const int64_t *shape, char *buf, size_t n);
+
+/* A new CPU tensor of dtype `to` holding src's values converted (f16/bf16/f32/f64/ints).  Float→int
+ * conversion truncates toward zero; src must be on the CPU. */
+sd_tensor *sd_tensor_convert(const sd_tensor *src, enum sd_dtype to);
+/* A deep copy on device `dev` (same dtype). */
+sd_tensor *sd_tensor_to_device(const sd_tensor *src, enum sd_device dev);
+/* Copy src's bytes into dst (same dtype and element count; any devices). */
+int sd_tensor_copy(sd_tensor *dst, const sd_tensor *src);
+
+/* ==== arena: scratch memory for one step, reset each step ==== */
+
+typedef struct sd_arena sd_arena;
+
+/* An arena on `dev` that grows in blocks of at least `block` bytes (0 = 64 MiB). */
+sd_arena *sd_arena_new(enum sd_device dev, size_t block);
+/* 64-byte aligned memory valid until the next reset; NULL with a message when out of memory. */
+void *sd_arena_alloc(sd_arena *a, size_t bytes);
+/* A tensor whose header and data both live in the arena (do not sd_tensor_free it). */
+sd_tensor *sd_arena_tensor(sd_arena *a, enum sd_dtype dtype, int ndim, const int64_t *shape);
+/* Forget every allocation (keeps the largest block for reuse). */
+void sd_arena_reset(sd_arena *a);
+size_t sd_arena_used(const sd_arena *a);
+size_t sd_arena_peak(const sd_arena *a);
+void sd_arena_free(sd_arena *a);
+
+/* ==== threads ==== */
+
+/* Number of worker threads: $SD_THREADS when set (1..1024), else every online core.  Also applied to
+ * OpenBLAS and OpenMP the first time a backend is used. */
+int sd_threads(void);
+void sd_set_threads(int n);
+
+/* ==== backends and ops ==== */
+
+/* The table a backend fills (see lib/backend.h for the slots).  The CPU backend is the reference and
+ * fills every slot; CUDA fills what it can and an empty slot is a clear "not implemented on cuda" error. */
+struct sd_backend;
+const struct sd_backend *sd_backend_get(enum sd_device dev);
+const char *sd_device_name(enum sd_device dev);
+/* 1 when a CUDA device is usable in this process (built with CUDA and a GPU present). */
+int sd_cuda_available(void);
+/* Parse "cpu"/"cuda"/"auto" (NULL or "" = $SD_DEVICE, else auto: CUDA when available). */
+int sd_device_parse(const char *s, enum sd_device *out);
+
+/*
+ * out = alpha · op(a) · op(b) + beta · out, f32, where op(x) is x or its transpose over the last two dims.
+ *   a   (…, M, K)  or (…, K, M) when trans_a
+ *   b   (…, K, N)  or (…, N, K) when trans_b; b may also be 2-D and is then shared by every batch entry
+ *   out (…, M, N)  same leading (batch) dims as a
+ * All three on one device.  beta = 0 overwrites out (its old contents may be NaN).
+ */
+int sd_matmul(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, int trans_a, int trans_b,
+              float alpha, float beta);
+
+/*
+ * The ops below are f32 and write into an `out` the caller allocated (sd_tensor_new_on or an arena) of
+ * the stated shape; in-place use (out == x) is allowed where marked.  All tensors of one call are on one
+ * device.  Shapes are checked once here and every violation is an error naming the op and the shapes.
+ */
+
+/* out (…, O) = x (…, I) · w (O, I)ᵀ + b (O) (b may be NULL) — torch.nn.Linear. */
+int sd_linear(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b);
+
+/* 2-D convolution, torch.nn.Conv2d with zero padding (top, bottom, left, right may differ, for the
+ * VAE's asymmetric (0,1,0,1) downsampling pad), dilation 1, groups 1.
+ *   out (N, O, Ho, Wo), x (N, C, H, W), w (O, C, kh, kw), b (O) or NULL;
+ *   Ho = (H + pt + pb - kh) / stride + 1, Wo likewise. */
+int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b, int stride,
+              int pad_top, int pad_bottom, int pad_left, int pad_right);
+
+/* GroupNorm over (N, C, *): groups divide C; gamma, beta (C) or NULL; in place allowed.  With
+ * silu != 0 the result goes through SiLU too (the fused norm→SiLU of every ResNet block). */
+int sd_group_norm(sd_tensor *out, const sd_tensor *x, int groups, const sd_tensor *gamma,
+                  const sd_tensor *beta, float eps, int silu);
+
+/* LayerNorm over the last dimension D of x (…, D); gamma, beta (D) or NULL; in place allowed. */
+int sd_layer_norm(sd_tensor *out, const sd_tensor *x, const sd_tensor *gamma, const sd_tensor *beta,
+                  float eps);
+
+enum sd_act {
+	SD_ACT_SILU = 0,   /* x·σ(x) */
+	SD_ACT_GELU,       /* exact, erf form (torch's default) */
+	SD_ACT_GELU_TANH,  /* tanh approximation */
+	SD_ACT_QUICK_GELU, /* x·σ(1.702x) (CLIP) */
+	SD_ACT_COUNT
+};
+/* out = act(x), same shape; in place allowed. */
+int sd_act(sd_tensor *out, const sd_tensor *x, enum sd_act act);
+/* GEGLU: x (…, 2F) = [a | g] → out (…, F) = a · gelu(g) (diffusers' GEGLU: hidden, gate = chunk(2)). */
+int sd_geglu(sd_tensor *out, const sd_tensor *x);
+
+/* out = alpha·a + beta·b where b has a's shape, or a's trailing dimensions (broadcast over the leading
+ * ones: CLIP's position embeddings), or is (N, C) with a (N, C, *) (broadcast over space: the time
+ * embedding into a ResNet block).  In place allowed (out == a). */
+int sd_add(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta);
+/* out = x · s (in place allowed). */
+int sd_scale(sd_tensor *out, const sd_tensor *x, float s);
+/* Elementwise product out = a ⊙ b, same shapes (in place allowed). */
+int sd_mul(sd_tensor *out, const sd_tensor *a, const sd_tensor *b);
+/* Softmax over the last dimension (in place allowed). */
+int sd_softmax(sd_tensor *out, const sd_tensor *x);
+
+/*
+ * Multi-head scaled dot-product attention, GEMM-shaped (QKᵀ and PV through the backend's sgemm, the
+ * softmax fused on row blocks, so memory is O(block·Lk) not O(Lq·Lk) per head):
+ *   q (N, Lq, H·d), k (N, Lk, H·d), v (N, Lk, H·dv) → out (N, Lq, H·dv),
+ * heads laid out as torch's view(N, L, H, d).transpose(1, 2); scale is usually 1/sqrt(d); causal masks
+ * keys j > i (CLIP).  `probs`, when not NULL, receives the attention weights (N, H, Lq, Lk) for backward.
+ */
+int sd_attention(sd_tensor *out, const sd_tensor *q, const sd_tensor *k, const sd_tensor *v, int heads,
+                 float scale, int causal, sd_tensor *probs);
+
+/* Layout moves.  (N, C, H, W) → (N, H·W, C) and back (the Transformer2D / VAE attention reshapes). */
+int sd_nchw_to_nlc(sd_tensor *out, const sd_tensor *x);
+int sd_nlc_to_nchw(sd_tensor *out, const sd_tensor *x);
+/* Nearest-neighbour ×2 upsampling: (N, C, H, W) → (N, C, 2H, 2W). */
+int sd_upsample2x(sd_tensor *out, const sd_tensor *x);
+/* Concatenate along dim 1: (N, Ca, *) ++ (N, Cb, *) → (N, Ca+Cb, *) (the UNet skip connections). */
+int sd_concat1(sd_tensor *out, const sd_tensor *a, const sd_tensor *b);
+/* Rows of a table: out (…, D) = table (V, D)[ids (…)], ids i32 (each in [0, V) or an error). */
+int sd_embedding(sd_tensor *out, const sd_tensor *ids, const sd_tensor *table);
+
+/* ==== values and frames (sd-tensor(5)) ==== */
+
+enum sd_vtype {
+	SD_V_NIL = 0,
+	SD_V_BOOL,
+	SD_V_INT,    /* int64 */
+	SD_V_UINT,   /* uint64 above INT64_MAX (msgpack positive fixint/uint64) */
+	SD_V_FLOAT,  /* double (msgpack float32 is widened; written back as float64) */
+	SD_V_STR,
+	SD_V_BIN,
+	SD_V_ARRAY,
+	SD_V_MAP,    /* string keys, insertion order kept */
+	SD_V_TENSOR
+};
+
+typedef struct sd_value sd_value;
+struct sd_value {
+	enum sd_vtype type;
+	union {
+		int b;
+		int64_t i;
+		uint64_t u;
+		double f;
+		struct { char *p; size_t n; } s;                   /* STR (NUL-terminated too) and BIN */
+		struct { sd_value **v; size_t n, cap; } a;         /* ARRAY */
+		struct { char **k; sd_value **v; size_t n, cap; } m; /* MAP */
+		sd_tensor *t;                                      /* TENSOR (owned) */
+	} u;
+};
+
+sd_value *sd_value_nil(void);
+sd_value *sd_value_bool(int b);
+sd_value *sd_value_int(int64_t i);
+sd_value *sd_value_float(double f);
+sd_value *sd_value_str(const char *s);
+sd_value *sd_value_strn(const char *s, size_t n);
+sd_value *sd_value_bin(const void *p, size_t n);
+sd_value *sd_value_array(void);
+sd_value *sd_value_map(void);
+sd_value *sd_value_tensor(sd_tensor *t); /* takes ownership of t (also on failure) */
+sd_value *sd_value_dup(const sd_value *v); /* deep copy */
+void sd_value_free(sd_value *v);
+
+/* Append to an ARRAY (takes ownership of item, also on failure). */
+int sd_array_push(sd_value *arr, sd_value *item);
+
+/* MAP access.  Getters return borrowed pointers, NULL when absent (or of another type). */
+sd_value *sd_map_get(const sd_value *map, const char *key);
+/* Set key (takes ownership of v, also on failure); replaces in place, keeping the key's position. */
+int sd_map_set(sd_value *map, const char *key, sd_value *v);
+int sd_map_del(sd_value *map, const char *key); /* 1 removed, 0 absent */
+sd_tensor *sd_map_tensor(const sd_value *map, const char *key);
+const char *sd_map_str(const sd_value *map, const char *key);
+/* Numbers: 0 and *out set when present and numeric (int or float; get_int refuses non-integral floats),
+ * 1 when absent, -1 (with a message) when present but of the wrong type. */
+int sd_map_get_int(const sd_value *map, const char *key, int64_t *out);
+int sd_map_get_float(const sd_value *map, const char *key, double *out);
+int sd_map_set_tensor(sd_value *map, const char *key, sd_tensor *t);
+int sd_map_set_str(sd_value *map, const char *key, const char *s);
+int sd_map_set_int(sd_value *map, const char *key, int64_t i);
+int sd_map_set_float(sd_value *map, const char *key, double f);
+
+/* ==== streams ==== */
+
+/* Largest frame a reader accepts unless $SD_MAX_FRAME_MB says otherwise (MiB). */
+#define SD_STREAM_MAX_FRAME ((size_t)4 << 30)
+
+typedef struct sd_reader sd_reader;
+
+/* Read frames from f (not closed by sd_reader_free); `name` ("stdin", a path) prefixes messages. */
+sd_reader *sd_reader_new(FILE *f, const char *name);
+/* Next frame into *frame (a MAP the caller owns): 1 = a frame, 0 = clean end of stream, -1 = error
+ * (truncated frame, not a map, bad tensor, too large, …) with a message naming the frame index. */
+int sd_reader_next(sd_reader *r, sd_value **frame);
+/* Index of the frame last returned (0-based). */
+long sd_reader_index(const sd_reader *r);
+void sd_reader_free(sd_reader *r);
+
+/* Serialise frame (a MAP) and write it whole to f; -1 with a message on a write error. */
+int sd_frame_write(FILE *f, const sd_value *frame);
+/* Serialise into a malloc'd buffer (*buf, *len); the caller frees *buf. */
+int sd_frame_pack(const sd_value *frame, char **buf, size_t *len);
+/* Parse exactly one frame from a buffer. */
+int sd_frame_unpack(const void *buf, size_t len, sd_value **frame);
+
+/* ==== safetensors ==== */
+
+typedef struct sd_st sd_st;
+
+/* mmap a .safetensors file and parse its header (F32, F16, BF16, I32, I64, U8, F64; BOOL is read as u8).
+ * Every offset is checked against the file size and the dtype×shape; the tensors are read-only views. */
+sd_st *sd_st_open(const char *path);
+int sd_st_count(const sd_st *f);
+const char *sd_st_name(const sd_st *f, int i);
+/* Index of name, or -1. */
+int sd_st_find(const sd_st *f, const char *name);
+/* A view into the mapping (owns = 0, do not write, valid until sd_st_close). */
+const sd_tensor *sd_st_tensor(const sd_st *f, int i);
+/* The header's __metadata__ (string → string): count, i-th key/value, lookup (NULL if absent). */
+int sd_st_meta_count(const sd_st *f);
+const char *sd_st_meta_key(const sd_st *f, int i);
+const char *sd_st_meta_val(const sd_st *f, int i);
+const char *sd_st_meta(const sd_st *f, const char *key);
+const char *sd_st_path(const sd_st *f);
+void sd_st_close(sd_st *f);
+
+/* Write n tensors (CPU) with their names and optional metadata (meta: key, value, key, value, …, NULL;
+ * may be NULL) to path atomically: a temporary file in the same folder, fsync, rename.  Tensors are
+ * written in the order given; data offsets are 8-byte aligned. */
+int sd_st_write(const char *path, int n, const char *const *names, const sd_tensor *const *tensors,
+                const char *const *meta);
+
+/* ==== images (libnetpbm) ==== */
+
+typedef struct sd_pnm_reader sd_pnm_reader;
+
+/* Read PBM/PGM/PPM/PAM images (any maxval, plain or raw, several images one after another) from f. */
+sd_pnm_reader *sd_pnm_reader_new(FILE *f, const char *name);
+/* Next image as a new f32 tensor [1,C,H,W] with values sample/maxval in [0,1] (C = the file's depth:
+ * 1 for PBM/PGM, 3 for PPM, PAM's depth; PBM black = 0); *maxval gets the file's maxval when not NULL.
+ * 1 = an image, 0 = end of input, -1 = error (libnetpbm's message, never an exit). */
+int sd_pnm_read(sd_pnm_reader *r, sd_tensor **image, int *maxval);
+void sd_pnm_reader_free(sd_pnm_reader *r);
+/* Write one image (f32 [C,H,W] or [1,C,H,W], C = 1 → PGM, 3 → PPM) as raw PNM of the given maxval
+ * (1..65535), clamping to [0,1] and rounding to nearest. */
+int sd_pnm_write(FILE *f, const sd_tensor *image, int maxval);
+/* The same image encoded into a malloc'd buffer (*buf, *len) that the caller frees (for files written
+ * atomically, or one write per image). */
+int sd_pnm_pack(const sd_tensor *image, int maxval, char **buf, size_t *len);
+
+/* ==== CLIP tokenizer (lib/models/tokenizer.c) ==== */
+
+#define SD_CLIP_BOS 49406
+#define SD_CLIP_EOS 49407
+
+typedef struct sd_tokenizer sd_tokenizer;
+
+/* Load the byte-level BPE from a folder holding vocab.json + merges.txt (a diffusers tokenizer/
+ * folder), or, when dir is NULL, the standard CLIP vocabulary that ships with sdpipe (found through
+ * $SD_DATADIR, the install's share/sdpipe, or the source tree next to the executable). */
+sd_tokenizer *sd_tokenizer_load(const char *dir);
+void sd_tokenizer_free(sd_tokenizer *tok);
+/* Untruncated ids of text (len bytes of UTF-8): BOS, the BPE tokens, EOS.  *ids is malloc'd (caller
+ * frees), *n its length.  Invalid UTF-8 is an error. */
+int sd_tokenize(const sd_tokenizer *tok, const char *text, size_t len, int32_t **ids, int *n);
+/* The SD form: exactly max_len ids (77), truncated keeping a final EOS, padded with pad_id (EOS for
+ * SD 1.x).  *untruncated gets the full count when not NULL. */
+int sd_tokenize_padded(const sd_tokenizer *tok, const char *text, size_t len, int32_t *out, int max_len,
+                       int32_t pad_id, int *untruncated);
+
+/* ==== files ==== */
+
+/* Read a whole file into a NUL-terminated malloc'd buffer (at most `cap` bytes, 0 = 256 MiB). */
+char *sd_read_file(const char *path, size_t cap, size_t *len);
+/* Write len bytes to path atomically (temporary + fsync + rename). */
+int sd_write_file_atomic(const char *path, const void *data, size_t len);
+
+#endif

@@ -1,0 +1,52 @@
+/*
+ * sd_cli.h - helpers for the programs in cmd/ (after sbase's libutil/eprintf.c and coreutils): the one
+ * part of libsd that prints and exits, and it is only ever called from a tool's main().  Messages go to
+ * stderr as "<prog>: <what went wrong>".  Exit status: 0 ok, 1 bad input or run-time failure, 2 bad usage.
+ */
+#ifndef SD_CLI_H
+#define SD_CLI_H
+
+#include <getopt.h>
+#include <stdint.h>
+#include <stdio.h>
+#include "sd.h"
+
+extern const char *sd_prog; /* set by sd_cli_init from argv[0]'s base name */
+
+/* Record the program name, set stdout to full buffering and register the stdout close check. */
+void sd_cli_init(int argc, char **argv);
+
+/* "<prog>: <message>\n" to stderr, then exit(1). */
+void sd_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+/* Same, followed by ": <sd_errmsg()>". */
+void sd_die_lib(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+/* "<prog>: <message>\nTry '<prog> --help'.\n" to stderr, then exit(2). */
+void sd_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+/* "<prog>: <message>\n" to stderr (no exit). */
+void sd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Progress lines with -v: "<prog>: <message>\n" to stderr when sd_verbose is set. */
+extern int sd_verbose;
+void sd_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Range-checked number parsing for option values (never atoi): a bad value is a usage error naming
+ * the option, e.g. "--steps: '0x' is not an integer in [1, 1000]". */
+long long sd_parse_int(const char *opt, const char *s, long long lo, long long hi);
+double sd_parse_float(const char *opt, const char *s, double lo, double hi);
+
+/* "--version" output: "<prog> (sdpipe) 0.1.0" to stdout, exit 0. */
+void sd_print_version(void) __attribute__((noreturn));
+
+/* Open a file for reading; "-" or NULL means stdin.  Exits 1 with a clear message on failure. */
+FILE *sd_open_in(const char *path);
+
+/* Write one frame to stdout or exit 1 ("write error: …"). */
+void sd_write_frame_or_die(const sd_value *frame);
+
+/* Flush and close stdout; on failure (disk full, EPIPE) print "<prog>: write error: …" and exit 1.
+ * Called automatically at exit by sd_cli_init's atexit handler; call it explicitly before return 0. */
+void sd_close_stdout(void);
+
+/* 1 when stderr is a terminal (progress bars). */
+int sd_stderr_tty(void);
+
+#endif
