@@ -315,7 +315,8 @@ void sd_st_close(sd_st *f);
 
 /* Write n tensors (CPU) with their names and optional metadata (meta: key, value, key, value, …, NULL;
  * may be NULL) to path atomically: a temporary file in the same folder, fsync, rename.  Tensors are
- * written in the order given; data offsets are 8-byte aligned. */
+ * named in the header in the order given; the data section starts 8-byte
+ * aligned, tensors are packed without gaps and each starts at a multiple of its element size. */
 int sd_st_write(const char *path, int n, const char *const *names, const sd_tensor *const *tensors,
                 const char *const *meta);
 
@@ -356,6 +357,117 @@ int sd_tokenize(const sd_tokenizer *tok, const char *text, size_t len, int32_t *
  * SD 1.x).  *untruncated gets the full count when not NULL. */
 int sd_tokenize_padded(const sd_tokenizer *tok, const char *text, size_t len, int32_t *out, int max_len,
                        int32_t pad_id, int *untruncated);
+
+/* ==== PyTorch .ckpt files (lib/io/ckpt.c) ==== */
+
+/*
+ * A torch.save zip (<name>/data.pkl + <name>/data/<key> storages) read with libarchive and a restricted
+ * unpickler: only the opcodes and globals a state dict needs (collections.OrderedDict,
+ * torch._utils._rebuild_tensor_v2, torch.*Storage, …) are accepted, anything else is refused with a
+ * message naming it, and nothing is ever executed.  A top-level {"state_dict": …} is followed.  Tensors
+ * are copied out of the archive (contiguous, in the storage dtype); other values (global_step, …) are
+ * ignored.  The interface mirrors sd_st_*.
+ */
+typedef struct sd_ckpt sd_ckpt;
+
+sd_ckpt *sd_ckpt_open(const char *path);
+int sd_ckpt_count(const sd_ckpt *c);
+const char *sd_ckpt_name(const sd_ckpt *c, int i);
+int sd_ckpt_find(const sd_ckpt *c, const char *name);
+const sd_tensor *sd_ckpt_tensor(const sd_ckpt *c, int i);
+void sd_ckpt_close(sd_ckpt *c);
+
+/* ==== models (lib/models/model.c) ==== */
+
+enum sd_component { SD_TEXT_ENCODER = 0, SD_VAE, SD_UNET, SD_COMPONENT_COUNT };
+
+/* "text_encoder", "vae", "unet" (the diffusers folder names). */
+const char *sd_component_name(enum sd_component c);
+
+/*
+ * An opened checkpoint in any of the three layouts, mapped to one internal naming (diffusers'):
+ *   - a diffusers folder (model_index.json; <component>/config.json and
+ *     <component>/{model,diffusion_pytorch_model}[.fp16].safetensors, the plain file preferred),
+ *   - a single-file original (CompVis/LDM) .safetensors (cond_stage_model.transformer.*,
+ *     first_stage_model.*, model.diffusion_model.*),
+ *   - a .ckpt (torch zip, see sd_ckpt_open).
+ * Opening only reads the index (file names, headers); weights are read per component by
+ * sd_weights_load, so a tool loads only the part it needs.  `path` NULL or "" means $SD_MODEL.
+ * `config_dir`, when not NULL (else $SD_MODEL_CONFIG when set), is a diffusers folder whose
+ * <component>/config.json files describe a single-file checkpoint (as diffusers' from_single_file
+ * config=…); without one, sizes come from tensor shapes, and what shapes cannot tell (head counts) from
+ * the Stable Diffusion 1.x conventions (CLIP heads = hidden/64, UNet attention_head_dim 8).
+ */
+typedef struct sd_model sd_model;
+
+sd_model *sd_model_open(const char *path, const char *config_dir);
+void sd_model_close(sd_model *m);
+/* "diffusers", "single-file" or "ckpt". */
+const char *sd_model_format(const sd_model *m);
+const char *sd_model_path(const sd_model *m);
+int sd_model_has(const sd_model *m, enum sd_component c);
+/* The tokenizer folder of a diffusers model (holding vocab.json + merges.txt), or NULL for single files
+ * (then the shipped CLIP vocabulary applies). */
+const char *sd_model_tokenizer_dir(const sd_model *m);
+/* scheduler/scheduler_config.json as text (NULL when the model has none). */
+const char *sd_model_scheduler_json(const sd_model *m);
+
+/*
+ * One component's weights, named as diffusers names them (e.g. "text_model.encoder.layers.0.mlp.fc1.weight",
+ * "encoder.down_blocks.0.resnets.0.conv1.weight"), converted to f32 on `dev`, with its config.
+ */
+typedef struct sd_weights sd_weights;
+
+sd_weights *sd_weights_load(sd_model *m, enum sd_component c, enum sd_device dev);
+void sd_weights_free(sd_weights *w);
+enum sd_component sd_weights_component(const sd_weights *w);
+int sd_weights_count(const sd_weights *w);
+const char *sd_weights_name(const sd_weights *w, int i);
+const sd_tensor *sd_weights_at(const sd_weights *w, int i);
+/* NULL when absent (no message). */
+const sd_tensor *sd_weights_get(const sd_weights *w, const char *name);
+/* The tensor named by the printf-style name; NULL with "<component>: missing weight '<name>'" when absent. */
+const sd_tensor *sd_weights_need(const sd_weights *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int64_t sd_weights_params(const sd_weights *w);
+/* Config values (from config.json, or inferred and filled in for single files, under the same keys):
+ * 0 and *out set when present, 1 when absent, -1 with a message when of another type.  Integer arrays
+ * accept a scalar too (broadcast to *n = 1 entry); int getters refuse non-integers. */
+int sd_config_int(const sd_weights *w, const char *key, int64_t *out);
+int sd_config_float(const sd_weights *w, const char *key, double *out);
+int sd_config_bool(const sd_weights *w, const char *key, int *out);
+int sd_config_str(const sd_weights *w, const char *key, const char **out);
+int sd_config_int_array(const sd_weights *w, const char *key, int64_t *out, int max, int *n);
+int sd_config_str_array(const sd_weights *w, const char *key, const char **out, int max, int *n);
+/* The whole config as compact JSON text (owned by w). */
+const char *sd_config_json(const sd_weights *w);
+
+/* ==== random numbers as torch makes them (lib/rng.c) ==== */
+
+/*
+ * torch.Generator('cpu').manual_seed(seed): mt19937 seeded with the low 32 bits, plus the cached normal
+ * of the double path.  The state is small and plain so that a frame can carry it (seed + draws so far
+ * is enough to rebuild it; sd_rng_skip replays).
+ */
+typedef struct sd_rng {
+	uint32_t mt[624];
+	int idx;
+	uint64_t seed;
+	uint64_t draws;        /* 32-bit words consumed since the seed */
+	int has_cached;        /* torch's cached normal (double path) */
+	double cached;
+} sd_rng;
+
+void sd_rng_seed(sd_rng *r, uint64_t seed);
+uint32_t sd_rng_u32(sd_rng *r);
+/* torch.randn(shape, generator=g) for a float32 tensor of n elements (the numel >= 16 vectorised path
+ * and the numel < 16 scalar path, as torch does). */
+void sd_rng_randn(sd_rng *r, float *out, int64_t n);
+/* torch.randn(..., dtype=float64) */
+void sd_rng_randn_f64(sd_rng *r, double *out, int64_t n);
+/* torch.rand(n) float32 */
+void sd_rng_rand(sd_rng *r, float *out, int64_t n);
+/* torch.randint(lo, hi, (n,)) int64 */
+void sd_rng_randint(sd_rng *r, int64_t lo, int64_t hi, int64_t *out, int64_t n);
 
 /* ==== files ==== */
 
