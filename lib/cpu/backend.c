@@ -67,8 +67,8 @@ int sd_cpu_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, co
 /* Per-thread scratch buffers that only grow: slot 0 is im2col, 1 attention scores, 2.. free. */
 void *sd_cpu_scratch(int slot, size_t bytes)
 {
-	static _Thread_local struct { void *p; size_t n; } bufs[4];
-	if (slot < 0 || slot >= 4) {
+	static _Thread_local struct { void *p; size_t n; } bufs[6];
+	if (slot < 0 || slot >= 6) {
 		sd_seterr("scratch slot %d", slot);
 		return NULL;
 	}
