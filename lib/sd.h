@@ -350,6 +350,10 @@ typedef struct sd_tokenizer sd_tokenizer;
  * $SD_DATADIR, the install's share/sdpipe, or the source tree next to the executable). */
 sd_tokenizer *sd_tokenizer_load(const char *dir);
 void sd_tokenizer_free(sd_tokenizer *tok);
+/* Number of vocabulary entries, and the id of one entry given in its byte-level BPE spelling ("cat</w>",
+ * "<|endoftext|>"), -1 when the vocabulary lacks it. */
+int sd_tokenizer_vocab_size(const sd_tokenizer *tok);
+int32_t sd_tokenizer_token_id(const sd_tokenizer *tok, const char *token);
 /* Untruncated ids of text (len bytes of UTF-8): BOS, the BPE tokens, EOS.  *ids is malloc'd (caller
  * frees), *n its length.  Invalid UTF-8 is an error. */
 int sd_tokenize(const sd_tokenizer *tok, const char *text, size_t len, int32_t **ids, int *n);
@@ -445,29 +449,38 @@ const char *sd_config_json(const sd_weights *w);
 
 /*
  * torch.Generator('cpu').manual_seed(seed): mt19937 seeded with the low 32 bits, plus the cached normal
- * of the double path.  The state is small and plain so that a frame can carry it (seed + draws so far
- * is enough to rebuild it; sd_rng_skip replays).
+ * of torch's double path.  The state is plain data; a frame carries it compactly as (seed, draws,
+ * has_cached, cached) and sd_rng_restore rebuilds it exactly (replaying the words drawn).
  */
 typedef struct sd_rng {
 	uint32_t mt[624];
-	int idx;
-	uint64_t seed;
+	int idx;               /* next word of mt to temper; 624 = twist first */
+	uint64_t seed;         /* as given (only the low 32 bits seed mt19937) */
 	uint64_t draws;        /* 32-bit words consumed since the seed */
-	int has_cached;        /* torch's cached normal (double path) */
+	int has_cached;        /* torch's cached normal (double path: numel < 16 or non-float) */
 	double cached;
 } sd_rng;
 
+/* manual_seed(seed): also drops the cached normal. */
 void sd_rng_seed(sd_rng *r, uint64_t seed);
+/* The state after seeding with `seed` and drawing `draws` words, with the given cache: what a frame
+ * carries is enough (1e7 words replay in milliseconds). */
+void sd_rng_restore(sd_rng *r, uint64_t seed, uint64_t draws, int has_cached, double cached);
+/* Discard the next n 32-bit words (as if drawn; counted in draws). */
+void sd_rng_skip(sd_rng *r, uint64_t n);
 uint32_t sd_rng_u32(sd_rng *r);
-/* torch.randn(shape, generator=g) for a float32 tensor of n elements (the numel >= 16 vectorised path
- * and the numel < 16 scalar path, as torch does). */
+/* torch's random64(): two words, the first one high. */
+uint64_t sd_rng_u64(sd_rng *r);
+/* torch.randn(shape, generator=g) for a contiguous float32 tensor of n elements: n >= 16 is torch's
+ * vectorised Box-Muller (AVX2 build, bit-exact), n < 16 the per-element double path cast to float. */
 void sd_rng_randn(sd_rng *r, float *out, int64_t n);
-/* torch.randn(..., dtype=float64) */
+/* torch.randn(..., dtype=torch.float64): n >= 16 Box-Muller on 53-bit uniforms, else per element. */
 void sd_rng_randn_f64(sd_rng *r, double *out, int64_t n);
-/* torch.rand(n) float32 */
+/* torch.rand(n) float32: (u32 & 0xFFFFFF) * 2^-24 per element. */
 void sd_rng_rand(sd_rng *r, float *out, int64_t n);
-/* torch.randint(lo, hi, (n,)) int64 */
-void sd_rng_randint(sd_rng *r, int64_t lo, int64_t hi, int64_t *out, int64_t n);
+/* torch.randint(lo, hi, (n,)) int64: lo + word % (hi - lo) (a 64-bit word when hi - lo >= 2^32).
+ * -1 with a message when hi <= lo (nothing drawn). */
+int sd_rng_randint(sd_rng *r, int64_t lo, int64_t hi, int64_t *out, int64_t n);
 
 /* ==== files ==== */
 
@@ -475,5 +488,165 @@ void sd_rng_randint(sd_rng *r, int64_t lo, int64_t hi, int64_t *out, int64_t n);
 char *sd_read_file(const char *path, size_t cap, size_t *len);
 /* Write len bytes to path atomically (temporary + fsync + rename). */
 int sd_write_file_atomic(const char *path, const void *data, size_t len);
+
+/* ==== VAE (lib/models/vae.c) ==== */
+
+/*
+ * AutoencoderKL as diffusers builds it from vae/config.json (autoencoder_kl.py, vae.py, resnet.py,
+ * attention_processor.py): Encoder → quant_conv → diagonal Gaussian; post_quant_conv → Decoder.  Any
+ * number of blocks and layers; sizes come from the weights' shapes, checked against the config.
+ * Images in the model's own range [-1, 1]; latents unscaled (multiply by scaling_factor for the UNet).
+ */
+#define SD_VAE_MAX_BLOCKS 8
+
+typedef struct sd_vae_config {
+	int in_channels, out_channels, latent_channels; /* 3, 3, 4 for SD 1.x */
+	int nblocks, block_out[SD_VAE_MAX_BLOCKS];      /* block_out_channels */
+	int layers_per_block;                           /* decoder blocks have one more resnet */
+	int groups;                                     /* norm_num_groups */
+	float eps;                                      /* GroupNorm eps: 1e-6 everywhere in the VAE */
+	float scaling_factor;                           /* 0.18215 for SD 1.x */
+	int quant_conv, post_quant_conv, mid_attention; /* 1 when the module is there */
+} sd_vae_config;
+
+/* The weights of one conv (w (O, C, kh, kw), b (O) or NULL) or linear (w (O, I), b (O)). */
+typedef struct sd_vae_conv {
+	const sd_tensor *w, *b;
+} sd_vae_conv;
+
+/* ResnetBlock2D without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus x or
+ * conv_shortcut(x) (1×1, only when cin != cout; shortcut.w is NULL otherwise). */
+typedef struct sd_vae_resnet {
+	int cin, cout;
+	const sd_tensor *norm1_w, *norm1_b, *norm2_w, *norm2_b;
+	sd_vae_conv conv1, conv2, shortcut;
+} sd_vae_resnet;
+
+/*
+ * The activations of one ResnetBlock2D forward, allocated by the caller.  A recorded forward (for a
+ * backward) gives every field its own tensor; inference aliases them to save memory: n1 == h1 and
+ * n2 == h2 select the fused GroupNorm+SiLU, a1 == n2 normalises in place, sc may alias a1/n2/h2
+ * (dead by then).
+ */
+typedef struct sd_vae_resnet_act {
+	sd_tensor *n1; // (N,Cin,H,W)  norm1(x), before SiLU
+	sd_tensor *h1; // (N,Cin,H,W)  silu(n1)
+	sd_tensor *a1; // (N,Cout,H,W) conv1(h1)
+	sd_tensor *n2; // (N,Cout,H,W) norm2(a1), before SiLU
+	sd_tensor *h2; // (N,Cout,H,W) silu(n2)
+	sd_tensor *sc; // (N,Cout,H,W) conv_shortcut(x), NULL without a shortcut
+} sd_vae_resnet_act;
+
+/* out (N,Cout,H,W) = resnet(x (N,Cin,H,W)).  out may alias act->n1/h1 (dead when out is written), never
+ * x, a1, n2, h2 or sc.  0 or -1 with a message. */
+int sd_vae_resnet_forward(sd_tensor *out, const sd_vae_resnet_act *act, const sd_tensor *x,
+                          const sd_vae_resnet *p, int groups, float eps);
+
+/* The mid block's single-head self-attention (diffusers' Attention with group_norm, residual
+ * connection, rescale_output_factor 1, scale 1/sqrt(C)); linear weights (C, C). */
+typedef struct sd_vae_attn {
+	int c;
+	const sd_tensor *norm_w, *norm_b;
+	sd_vae_conv q, k, v, out;
+} sd_vae_attn;
+
+/* Its activations; inference aliases q = n, o = nl, p = q, and out may alias k or v. */
+typedef struct sd_vae_attn_act {
+	sd_tensor *n;     // (N,C,H,W) group_norm(x)
+	sd_tensor *nl;    // (N,L,C)   n with pixels as rows, L = H·W
+	sd_tensor *q, *k, *v; // (N,L,C)
+	sd_tensor *o;     // (N,L,C)   softmax(q·kᵀ/√C)·v
+	sd_tensor *probs; // (N,1,L,L) the attention weights, or NULL (not kept)
+	sd_tensor *p;     // (N,L,C)   to_out(o)
+} sd_vae_attn_act;
+
+/* out (N,C,H,W) = x + attention(x).  out must not alias x, n, nl, o or p. */
+int sd_vae_attn_forward(sd_tensor *out, const sd_vae_attn_act *act, const sd_tensor *x,
+                        const sd_vae_attn *p, int groups, float eps);
+
+/* Downsample2D: out (N,C,⌈H/2⌉,⌈W/2⌉) = conv3×3 stride 2 of x (N,C,H,W) zero-padded by (0,1,0,1). */
+int sd_vae_down_forward(sd_tensor *out, const sd_tensor *x, const sd_vae_conv *conv);
+/* Upsample2D: up (N,C,2H,2W) = nearest ×2 of x (N,C,H,W); out (N,C,2H,2W) = conv3×3(up). */
+int sd_vae_up_forward(sd_tensor *out, sd_tensor *up, const sd_tensor *x, const sd_vae_conv *conv);
+
+typedef struct sd_vae sd_vae;
+
+/* Build the VAE over loaded weights (sd_weights_load(m, SD_VAE, dev)): reads the config, finds every
+ * weight and checks its shape (a clear "vae: …" error otherwise).  Borrows w, which must outlive the
+ * VAE.  Accepts attention weights as linear (C,C) or 1×1 conv (C,C,1,1), named to_q/to_k/to_v/to_out.0
+ * or the older query/key/value/proj_attn. */
+sd_vae *sd_vae_new(const sd_weights *w);
+void sd_vae_free(sd_vae *v);
+const sd_vae_config *sd_vae_get_config(const sd_vae *v);
+/* The spatial factor between image and latent: 2^(nblocks-1) (8 for SD 1.x). */
+int sd_vae_factor(const sd_vae *v);
+/* Weights of the blocks, for a trainer's backward: i-th resnet of the encoder (down blocks in order,
+ * then the two of the mid block) and the encoder's mid attention; NULL when out of range. */
+const sd_vae_resnet *sd_vae_encoder_resnet(const sd_vae *v, int i);
+const sd_vae_attn *sd_vae_encoder_attn(const sd_vae *v);
+/* Bytes of activation memory held at the peak of the last call (scratch pool + arena). */
+size_t sd_vae_peak_bytes(const sd_vae *v);
+
+/*
+ * Tiling for large images: the image is cut into overlapping square tiles of `tile` image pixels
+ * (a multiple of sd_vae_factor; decoding tiles the latent by tile/factor), tiles overlap by `overlap`
+ * pixels (0 = a quarter of the tile, rounded down to the factor, at least one latent pixel) and are
+ * blended with linear ramps across the overlaps.  tile = 0 chooses: untiled up to SD_VAE_AUTO_TILE_AREA
+ * image pixels, tiles of SD_VAE_AUTO_TILE above; tile < 0 never tiles.  Tiles see their own GroupNorm
+ * statistics, so a tiled result differs a little from an untiled one (as in diffusers' tiled VAE).
+ */
+#define SD_VAE_AUTO_TILE_AREA (1024 * 1024)
+#define SD_VAE_AUTO_TILE 512
+typedef struct sd_vae_tiling {
+	int tile, overlap;
+} sd_vae_tiling;
+
+/* Called with the output of each top-level module (diffusers' names: "encoder.conv_in",
+ * "encoder.down_blocks.<i>" (after its downsampler), "encoder.mid_block", "encoder.conv_norm_out"
+ * (before SiLU), "encoder.conv_out", "quant_conv", "post_quant_conv", "decoder.conv_in",
+ * "decoder.mid_block", "decoder.up_blocks.<i>", "decoder.conv_norm_out", "decoder.conv_out"), like
+ * torch forward hooks; the tensor lives on the VAE's device until the hook returns.  NULL removes it.
+ * Untiled calls only. */
+typedef void (*sd_vae_hook)(void *ctx, const char *module, const sd_tensor *out);
+void sd_vae_set_hook(sd_vae *v, sd_vae_hook fn, void *ctx);
+
+/* moments (N, 2·latent, H/f, W/f) = quant_conv(encoder(x (N, in, H, W))), x in [-1,1]; H and W
+ * multiples of f.  Tensors on the CPU or on the VAE's device; t NULL = automatic tiling. */
+int sd_vae_encode(sd_vae *v, sd_tensor *moments, const sd_tensor *x, const sd_vae_tiling *t);
+/* x (N, out, H·f, W·f) = decoder(post_quant_conv(z (N, latent, H, W))), raw (not rescaled or clamped). */
+int sd_vae_decode(sd_vae *v, sd_tensor *x, const sd_tensor *z, const sd_vae_tiling *t);
+/* DiagonalGaussianDistribution of moments (N, 2L, h, w) (CPU): mean, logvar clamped to [-30, 20],
+ * std = exp(logvar/2), each (N, L, h, w) or NULL when not wanted. */
+int sd_vae_posterior(sd_tensor *mean, sd_tensor *logvar, sd_tensor *std, const sd_tensor *moments);
+
+/* The pipelines' forms (CPU tensors): latent (N, L, H/f, W/f) = scaling_factor · (mean + std·eps)
+ * for image (N, in, H, W) in [0,1] (x = 2·image − 1); eps (N, L, H/f, W/f) or NULL for the mean. */
+int sd_vae_encode_image(sd_vae *v, sd_tensor *latent, const sd_tensor *image, const sd_tensor *eps,
+                        const sd_vae_tiling *t);
+/* image (N, out, H·f, W·f) = clamp(decode(latent / scaling_factor) / 2 + 0.5, 0, 1). */
+int sd_vae_decode_image(sd_vae *v, sd_tensor *image, const sd_tensor *latent, const sd_vae_tiling *t);
+
+/*
+ * The encoder's forward with every activation a backward needs, in the arena `a` (the caller resets
+ * it): the trainer's path when gradients flow through vae.encode (VAE LoRA).  Untiled, on the VAE's
+ * device.  x (N, in, H, W) in [-1, 1].
+ */
+typedef struct sd_vae_enc_act {
+	const sd_tensor *x;      // (N,in,H,W) the input (borrowed)
+	sd_tensor *conv_in;      // (N,C0,H,W)
+	int nres;                // nblocks·layers_per_block + 2 (the mid block's two last)
+	sd_vae_resnet_act *res;  // [nres] in order
+	sd_tensor **res_in;      // [nres] each resnet's input (borrowed from the fields around it)
+	sd_tensor **res_out;     // [nres]
+	sd_tensor **down;        // [nblocks-1] downsampler outputs
+	sd_vae_attn_act attn;    // the mid block's attention (probs kept)
+	sd_tensor *attn_out;     // (N,Cl,h,w)
+	sd_tensor *norm_out;     // (N,Cl,h,w) conv_norm_out, before SiLU
+	sd_tensor *act_out;      // (N,Cl,h,w) silu(norm_out)
+	sd_tensor *conv_out;     // (N,2L,h,w)
+	sd_tensor *moments;      // (N,2L,h,w) quant_conv(conv_out) (conv_out itself without quant_conv)
+} sd_vae_enc_act;
+int sd_vae_encode_record(sd_vae *v, sd_vae_enc_act *act, sd_arena *a, const sd_tensor *x);
+
 
 #endif
