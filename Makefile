@@ -7,6 +7,7 @@
 #   make install PREFIX=/usr/local DESTDIR=
 #   CUDA=1 / CUDA=0      force the CUDA backend on or off (default: on when nvcc is found)
 #   SANITIZE=1           build with ASan + UBSan (into build-san/ and bin-san/)
+#   make valgrind        the parser tests under valgrind (a CPU-only build in build-vg/)
 
 PREFIX   ?= /usr/local
 DESTDIR  ?=
@@ -19,7 +20,13 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(NVCC),1,0)
 endif
 
-ifeq ($(SANITIZE),1)
+ifeq ($(VALGRIND),1)
+  CUDA := 0
+  B := build-vg
+  BIN := bin-vg
+  SANFLAGS :=
+  OPT := -O1 -g
+else ifeq ($(SANITIZE),1)
   B := build-san
   BIN := bin-san
   SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -61,7 +68,7 @@ DATA     := $(sort $(wildcard lib/models/data/*))
 
 DEBS     := libopenblas-dev libnetpbm-dev libmsgpack-dev libarchive-dev libjansson-dev netpbm
 
-.PHONY: all check demo bench install deps clean tests
+.PHONY: all check demo bench install deps clean tests valgrind
 .DELETE_ON_ERROR:
 
 all: $(B)/libsd.a $(TOOLS)
@@ -104,6 +111,16 @@ bench: deps
 	@$(MAKE) --no-print-directory all $(BENCH)
 	@BIN=$(BIN) B=$(B) sh tests/bench/run.sh
 
+VG_TESTS ?= test_stream test_safetensors test_ckpt test_model
+valgrind: deps
+	@$(MAKE) --no-print-directory VALGRIND=1 $(VG_TESTS:%=build-vg/tests/%)
+	@for t in $(VG_TESTS); do \
+	  echo "== valgrind $$t"; \
+	  SD_FIXTURES=tests/fixtures SHARED=../shared/fixtures valgrind -q --error-exitcode=1 --leak-check=full \
+	    --errors-for-leak-kinds=definite build-vg/tests/$$t > build-vg/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^(PASS|FAIL|SKIP)|^==' build-vg/$$t.log; [ $$rc -eq 0 ] || exit 1; \
+	done
+
 # Make sure the Debian packages are there: install the missing ones as root, else print the command.
 deps:
 	@missing=""; for p in $(DEBS); do \
@@ -131,6 +148,6 @@ install: all
 	$(if $(DATA),install -m 644 $(DATA) $(DESTDIR)$(PREFIX)/share/sdpipe/)
 
 clean:
-	rm -rf build build-san bin bin-san
+	rm -rf build build-san build-vg bin bin-san bin-vg
 
 -include $(LIB_OBJ:.o=.d) $(TOOLS:$(BIN)/%=$(B)/cmd/%.d)

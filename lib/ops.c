@@ -188,15 +188,20 @@ static int shape_err(const char *op, const char *what, const sd_tensor *t)
 }
 
 /* `out` must have exactly the given shape. */
-static int need_shape(const char *op, const sd_tensor *out, int ndim, const int64_t *shape)
+static int need_shape_of(const char *op, const char *what, const sd_tensor *out, int ndim, const int64_t *shape)
 {
 	char s1[96], s2[96];
 	int ok = out->ndim == ndim;
 	for (int i = 0; ok && i < ndim; i++) ok = out->shape[i] == shape[i];
 	if (!ok)
-		return sd_seterr("%s: out has shape %s, expected %s", op, sd_shape_str(out->ndim, out->shape, s1, sizeof s1),
+		return sd_seterr("%s: %s has shape %s, expected %s", op, what, sd_shape_str(out->ndim, out->shape, s1, sizeof s1),
 		                 sd_shape_str(ndim, shape, s2, sizeof s2));
 	return 0;
+}
+
+static int need_shape(const char *op, const sd_tensor *out, int ndim, const int64_t *shape)
+{
+	return need_shape_of(op, "out", out, ndim, shape);
 }
 
 /* f32 and one backend for all non-NULL tensors of an op; returns the backend or NULL. */
@@ -245,12 +250,10 @@ int sd_linear(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
 	int64_t rows = inner(x, 0) / (w->shape[1] ? w->shape[1] : 1), O = w->shape[0], I = w->shape[1];
 	if (x->shape[x->ndim - 1] == 0) rows = inner(out, 0) / (O ? O : 1);
 	if (rows == 0 || O == 0) return 0;
-	if (b) {
-		SLOT(be, op, add);
-		/* out = bias broadcast, then out += x·wᵀ */
-		if (be->add(out->data, out->data, b->data, 0.0f, 1.0f, rows * O, O, 1)) return -1;
-	}
-	return be->gemm(0, 1, rows, O, I, 1.0f, x->data, I, 0, w->data, I, 0, b ? 1.0f : 0.0f, out->data, O, 0, 1);
+	if (b) SLOT(be, op, add);
+	/* out = x·wᵀ (beta 0: out's old contents, maybe NaN from an arena, are never read), then += bias */
+	if (be->gemm(0, 1, rows, O, I, 1.0f, x->data, I, 0, w->data, I, 0, 0.0f, out->data, O, 0, 1)) return -1;
+	return b ? be->add(out->data, out->data, b->data, 1.0f, 1.0f, rows * O, O, 1) : 0;
 }
 
 int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b, int stride, int pt,
@@ -345,9 +348,8 @@ int sd_geglu(sd_tensor *out, const sd_tensor *x)
 	return be->geglu(out->data, x->data, inner(out, 0) / F, F);
 }
 
-int sd_add(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta)
+static int add_op(const char *op, sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta)
 {
-	static const char op[] = "sd_add";
 	static const char *const names[] = {"out", "a", "b"};
 	const struct sd_backend *be = PREP(op, out, a, b);
 	if (!be) return -1;
@@ -369,9 +371,14 @@ int sd_add(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, 
 	return be->add(out->data, a->data, b ? b->data : NULL, alpha, beta, n, m, S);
 }
 
+int sd_add(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta)
+{
+	return add_op("sd_add", out, a, b, alpha, beta);
+}
+
 int sd_scale(sd_tensor *out, const sd_tensor *x, float s)
 {
-	return sd_add(out, x, NULL, s, 0.0f);
+	return add_op("sd_scale", out, x, NULL, s, 0.0f);
 }
 
 int sd_mul(sd_tensor *out, const sd_tensor *a, const sd_tensor *b)
@@ -423,7 +430,7 @@ int sd_attention(sd_tensor *out, const sd_tensor *q, const sd_tensor *k, const s
 	int64_t dv = v->shape[2] / heads, H = heads;
 	int64_t oshape[3] = {N, Lq, H * dv}, pshape[4] = {N, H, Lq, Lk};
 	if (need_shape(op, out, 3, oshape)) return -1;
-	if (probs && need_shape(op, probs, 4, pshape)) return -1;
+	if (probs && need_shape_of(op, "probs", probs, 4, pshape)) return -1;
 	SLOT(be, op, gemm);
 	SLOT(be, op, softmax);
 	if (N == 0 || Lq == 0 || H * dv == 0) return 0;

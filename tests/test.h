@@ -59,14 +59,16 @@ static inline int test_close_(const char *file, int line, const char *what, cons
 	long at = 0, nan = 0;
 	for (long i = 0; i < n; i++) {
 		double d = fabs((double)got[i] - (double)want[i]);
-		if (isnan(got[i]) != isnan(want[i])) nan++;
-		if (d > maxdiff) { maxdiff = d; at = i; }
+		if (isnan(got[i]) != isnan(want[i])) { if (!nan++) at = i; continue; }
+		if (d > maxdiff) { maxdiff = d; if (!nan) at = i; }
 		if (fabs(want[i]) > maxref) maxref = fabs(want[i]);
 	}
 	double rel = maxdiff / (maxref > 1e-12 ? maxref : 1e-12);
 	int ok = rel <= rtol && !nan;
-	printf("  %s:%d: %s: n=%ld max|diff|=%.3g at %ld (rel %.3g, tol %.1g)%s\n", file, line, what, n,
-	       maxdiff, at, rel, rtol, ok ? "" : " FAILED");
+	printf("  %s:%d: %s: n=%ld max|diff|=%.3g at %ld (rel %.3g, tol %.1g)", file, line, what, n, maxdiff, at, rel,
+	       rtol);
+	if (nan) printf(", %ld NaN mismatches (first at %ld)", nan, at);
+	printf("%s\n", ok ? "" : " FAILED");
 	if (!ok) test_failed_++;
 	return ok;
 }
