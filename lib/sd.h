@@ -400,7 +400,10 @@ const char *sd_component_name(enum sd_component c);
  * `config_dir`, when not NULL (else $SD_MODEL_CONFIG when set), is a diffusers folder whose
  * <component>/config.json files describe a single-file checkpoint (as diffusers' from_single_file
  * config=…); without one, sizes come from tensor shapes, and what shapes cannot tell (head counts) from
- * the Stable Diffusion 1.x conventions (CLIP heads = hidden/64, UNet attention_head_dim 8).
+ * the Stable Diffusion 1.x conventions (CLIP heads = hidden/64, an error asking for --config when
+ * hidden is not a multiple of 64; UNet attention_head_dim 8).  A given config must agree with the
+ * shapes (else an error naming the key); its tokenizer/ and scheduler/ then serve the single file too.
+ * A diffusers component folder without a .safetensors may hold a torch .bin (read like a .ckpt).
  */
 typedef struct sd_model sd_model;
 
@@ -409,6 +412,8 @@ void sd_model_close(sd_model *m);
 /* "diffusers", "single-file" or "ckpt". */
 const char *sd_model_format(const sd_model *m);
 const char *sd_model_path(const sd_model *m);
+/* 1 when the model holds weights for c.  For a .ckpt the first call reads (unpickles) the file, which is
+ * kept for sd_weights_load; 0 when it cannot be read (the reason is left in sd_errmsg()). */
 int sd_model_has(const sd_model *m, enum sd_component c);
 /* The tokenizer folder of a diffusers model (holding vocab.json + merges.txt), or NULL for single files
  * (then the shipped CLIP vocabulary applies). */
@@ -418,7 +423,11 @@ const char *sd_model_scheduler_json(const sd_model *m);
 
 /*
  * One component's weights, named as diffusers names them (e.g. "text_model.encoder.layers.0.mlp.fc1.weight",
- * "encoder.down_blocks.0.resnets.0.conv1.weight"), converted to f32 on `dev`, with its config.
+ * "encoder.down_blocks.0.resnets.0.conv1.weight"), converted to f32 on `dev`, with its config.  The
+ * tensors are copies (they outlive sd_model_close), sorted by name; float tensors become f32, others
+ * keep their dtype; text_model.embeddings.position_ids (an arange buffer) is dropped in every layout,
+ * so the parameter count is transformers' num_parameters().  NULL with "<path>: model has no vae (…)"
+ * when the model lacks the component.
  */
 typedef struct sd_weights sd_weights;
 
@@ -631,14 +640,15 @@ int sd_vae_decode_image(sd_vae *v, sd_tensor *image, const sd_tensor *latent, co
  * it): the trainer's path when gradients flow through vae.encode (VAE LoRA).  Untiled, on the VAE's
  * device.  x (N, in, H, W) in [-1, 1].
  */
+#define SD_VAE_MAX_RESNETS 64 /* nblocks·layers_per_block + 2 at most */
 typedef struct sd_vae_enc_act {
 	const sd_tensor *x;      // (N,in,H,W) the input (borrowed)
 	sd_tensor *conv_in;      // (N,C0,H,W)
 	int nres;                // nblocks·layers_per_block + 2 (the mid block's two last)
-	sd_vae_resnet_act *res;  // [nres] in order
-	sd_tensor **res_in;      // [nres] each resnet's input (borrowed from the fields around it)
-	sd_tensor **res_out;     // [nres]
-	sd_tensor **down;        // [nblocks-1] downsampler outputs
+	sd_vae_resnet_act res[SD_VAE_MAX_RESNETS];  // [nres] in order
+	sd_tensor *res_in[SD_VAE_MAX_RESNETS];      // each resnet's input (the tensor before it)
+	sd_tensor *res_out[SD_VAE_MAX_RESNETS];     // each resnet's output
+	sd_tensor *down[SD_VAE_MAX_BLOCKS];         // [nblocks-1] downsampler outputs
 	sd_vae_attn_act attn;    // the mid block's attention (probs kept)
 	sd_tensor *attn_out;     // (N,Cl,h,w)
 	sd_tensor *norm_out;     // (N,Cl,h,w) conv_norm_out, before SiLU
@@ -648,5 +658,110 @@ typedef struct sd_vae_enc_act {
 } sd_vae_enc_act;
 int sd_vae_encode_record(sd_vae *v, sd_vae_enc_act *act, sd_arena *a, const sd_tensor *x);
 
+/* ==== CLIP text encoder (lib/models/clip.c) ==== */
+
+/*
+ * transformers' CLIPTextModel (modeling_clip.py) as Stable Diffusion uses it: token + position
+ * embeddings, pre-LN transformer layers with causal self-attention and NO padding mask (the pipelines
+ * pass no attention_mask, so padding tokens are attended), an MLP with quick_gelu (or hidden_act from
+ * the config), final_layer_norm.  Sizes come from the config and the weights' shapes.
+ *
+ * clip_skip follows A1111: 1 (or 0) is the last layer, what SD uses by default; k takes the output of
+ * the layer k-1 before the last (hidden_states[-k]) and then applies final_layer_norm.  diffusers'
+ * clip_skip=c is A1111's c+1.
+ */
+#define SD_CLIP_MAX_LEN 77 /* tokens per prompt in SD 1.x (the tokenizer's model_max_length) */
+
+typedef struct sd_clip_config {
+	int vocab;        /* vocab_size (rows of token_embedding) */
+	int max_pos;      /* max_position_embeddings: the longest token sequence */
+	int hidden;       /* hidden_size D */
+	int intermediate; /* intermediate_size F (the MLP's width) */
+	int layers;       /* num_hidden_layers */
+	int heads;        /* num_attention_heads (D / 64 when a single file has no config) */
+	float eps;        /* layer_norm_eps */
+	enum sd_act act;  /* hidden_act: quick_gelu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh) */
+} sd_clip_config;
+
+/* A linear layer: w (O, I), b (O).  (A LoRA adapter on q_proj / v_proj will hang off this struct.) */
+typedef struct sd_clip_linear {
+	const sd_tensor *w, *b;
+} sd_clip_linear;
+
+/* The weights of one CLIPEncoderLayer (borrowed from the sd_weights). */
+typedef struct sd_clip_layer {
+	const sd_tensor *ln1_w, *ln1_b;    // (D) layer_norm1
+	sd_clip_linear q, k, v, o;         // (D, D) self_attn.{q,k,v,out}_proj
+	const sd_tensor *ln2_w, *ln2_b;    // (D) layer_norm2
+	sd_clip_linear fc1, fc2;           // (F, D), (D, F) mlp.fc1, mlp.fc2
+} sd_clip_layer;
+
+/*
+ * The activations of one layer's forward, allocated by the caller.  A recorded forward (for a backward)
+ * gives every field its own tensor; inference may alias them: res1 == x (the residual added in place),
+ * ln2 == ln1, a == h (activation in place), tmp == q (dead after the attention), probs NULL.
+ */
+typedef struct sd_clip_layer_act {
+	sd_tensor *ln1;   // (N,L,D) layer_norm1(x)
+	sd_tensor *q;     // (N,L,D) q_proj(ln1), unscaled (the attention applies head_dim^-0.5)
+	sd_tensor *k;     // (N,L,D) k_proj(ln1)
+	sd_tensor *v;     // (N,L,D) v_proj(ln1)
+	sd_tensor *probs; // (N,H,L,L) softmax(q·kᵀ·scale + causal mask), or NULL (not kept)
+	sd_tensor *att;   // (N,L,D) probs·v, heads concatenated (the input of out_proj)
+	sd_tensor *res1;  // (N,L,D) x + out_proj(att)
+	sd_tensor *ln2;   // (N,L,D) layer_norm2(res1)
+	sd_tensor *h;     // (N,L,F) fc1(ln2)
+	sd_tensor *a;     // (N,L,F) act(h)
+	sd_tensor *tmp;   // (N,L,D) scratch for the out_proj and fc2 outputs (not needed by a backward)
+} sd_clip_layer_act;
+
+/* out (N,L,D) = layer(x (N,L,D)): x += out_proj(attn(ln1(x))), then x += fc2(act(fc1(ln2(x)))).
+ * out may alias res1 (and so x when res1 == x), never the other fields.  0 or -1 with a message. */
+int sd_clip_layer_forward(sd_tensor *out, const sd_clip_layer_act *act, const sd_tensor *x,
+                          const sd_clip_layer *p, const sd_clip_config *cfg);
+
+/* out (N,L,D) = token_embedding[ids (N,L) i32] + position_embedding[0..L) (L <= max_pos); ids on the
+ * tables' device, each in [0, vocab). */
+int sd_clip_embed_forward(sd_tensor *out, const sd_tensor *ids, const sd_tensor *token_embedding,
+                          const sd_tensor *position_embedding);
+
+typedef struct sd_clip sd_clip;
+
+/* Build the encoder over loaded weights (sd_weights_load(m, SD_TEXT_ENCODER, dev)), names as
+ * transformers' (text_model.embeddings.token_embedding.weight, text_model.encoder.layers.<i>.…,
+ * text_model.final_layer_norm.*): reads the config, finds every weight and checks its shape (a clear
+ * "text_encoder: …" error otherwise).  Borrows w, which must outlive the encoder. */
+sd_clip *sd_clip_new(const sd_weights *w);
+void sd_clip_free(sd_clip *c);
+const sd_clip_config *sd_clip_get_config(const sd_clip *c);
+/* The weights of layer i (NULL when out of range), for a trainer's backward or LoRA. */
+const sd_clip_layer *sd_clip_get_layer(const sd_clip *c, int i);
+/* Bytes of activation memory held at the peak of the last call. */
+size_t sd_clip_peak_bytes(const sd_clip *c);
+
+/*
+ * out (N,L,D) = final_layer_norm(hidden_states[layers + 1 - clip_skip]) for tokens (N,L) (i32, or i64
+ * converted; 1 <= L <= max_pos; typically L = 77), clip_skip in [0, layers] (0 and 1 both mean the last
+ * layer).  `hidden`, when not NULL, is (layers+1, N, L, D) and receives every hidden state as
+ * transformers' output_hidden_states gives them (hidden[0] = the embeddings, hidden[k] = the output of
+ * layer k, before the final LN); then every layer runs whatever clip_skip is, otherwise the layers past
+ * the chosen one are skipped.  Tensors on the CPU or on the encoder's device.  0 or -1 with a message.
+ */
+int sd_clip_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, int clip_skip, sd_tensor *hidden);
+
+/*
+ * The forward with every activation a backward needs (the trainer's path for a text-encoder LoRA):
+ * tensor data in the arena `a` (on the encoder's device; the caller resets it), tensor headers and the
+ * arrays in host memory owned by c, valid until the next record call or sd_clip_free.  ids (N,L) i32 on
+ * the encoder's device.  Runs nlayers = layers + 1 - max(clip_skip, 1) layers.
+ */
+typedef struct sd_clip_act {
+	const sd_tensor *ids;     // (N,L) the input (borrowed)
+	int nlayers;              // layers run
+	sd_tensor **hidden;       // [nlayers+1] (N,L,D): hidden[0] embeddings, hidden[k] output of layer k
+	sd_clip_layer_act *layer; // [nlayers] every field distinct, probs kept
+	sd_tensor *out;           // (N,L,D) final_layer_norm(hidden[nlayers])
+} sd_clip_act;
+int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_tensor *ids, int clip_skip);
 
 #endif
