@@ -764,4 +764,319 @@ typedef struct sd_clip_act {
 } sd_clip_act;
 int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_tensor *ids, int clip_skip);
 
+/* ==== UNet (lib/models/unet.c) ==== */
+
+/*
+ * UNet2DConditionModel as diffusers 0.25 builds it from unet/config.json (unet_2d_condition.py,
+ * unet_2d_blocks.py, resnet.py, transformer_2d.py, attention.py, attention_processor.py, embeddings.py):
+ * sinusoidal time projection → TimestepEmbedding; conv_in; down blocks (DownBlock2D,
+ * CrossAttnDownBlock2D); the UNetMidBlock2DCrossAttn; up blocks (UpBlock2D, CrossAttnUpBlock2D) that
+ * concatenate the skips in reverse; conv_norm_out → SiLU → conv_out.  Every size comes from the config
+ * and is checked against the weights' shapes: any number of blocks, layers and transformer layers,
+ * per-block head counts, cross-attention widths, linear or 1×1-conv projections.
+ *
+ * Heads: diffusers' SD 1.x configs name the head COUNT attention_head_dim (num_attention_heads is null),
+ * so heads = num_attention_heads, else attention_head_dim (an int or one per down block); the head
+ * width is channels / heads.  upcast_attention is a no-op here: everything is f32.
+ */
+#define SD_UNET_MAX_BLOCKS 8
+#define SD_UNET_MAX_TLAYERS 16 /* transformer (BasicTransformerBlock) layers per Transformer2DModel */
+
+typedef struct sd_unet_config {
+	int in_channels, out_channels;        /* 4, 4 */
+	int nblocks;                          /* len(block_out_channels) = len(down_block_types) */
+	int block_out[SD_UNET_MAX_BLOCKS];    /* block_out_channels */
+	int down_attn[SD_UNET_MAX_BLOCKS];    /* 1: CrossAttnDownBlock2D, 0: DownBlock2D */
+	int up_attn[SD_UNET_MAX_BLOCKS];      /* 1: CrossAttnUpBlock2D, 0: UpBlock2D (up block order) */
+	int layers[SD_UNET_MAX_BLOCKS];       /* layers_per_block per down block (up blocks: reversed, +1) */
+	int heads[SD_UNET_MAX_BLOCKS];        /* attention heads per down block (see above) */
+	int cross_dim[SD_UNET_MAX_BLOCKS];    /* cross_attention_dim per down block */
+	int tlayers[SD_UNET_MAX_BLOCKS];      /* transformer_layers_per_block per down block */
+	int up_tlayers[SD_UNET_MAX_BLOCKS];   /* per up block (reverse_transformer_layers_per_block) */
+	int mid_attn;                         /* 1: UNetMidBlock2DCrossAttn, 0: no mid block (null) */
+	int linear_proj;                      /* use_linear_projection */
+	int upcast_attention;                 /* read and accepted; no effect in f32 */
+	int groups;                           /* norm_num_groups */
+	float eps;                            /* norm_eps (resnets, conv_norm_out) */
+	int flip_sin_to_cos;
+	float freq_shift;                     /* downscale_freq_shift of the time projection */
+	int time_proj_dim, temb_dim;          /* block_out[0]; time_embedding_dim or 4·block_out[0] */
+	int conv_in_kernel, conv_out_kernel;
+	float mid_scale;                      /* mid_block_scale_factor: the mid resnets' output_scale_factor */
+	int center_input_sample;              /* sample = 2·sample − 1 first */
+} sd_unet_config;
+
+/* A conv (w (O, C, kh, kw), b (O)). */
+typedef struct sd_unet_conv {
+	const sd_tensor *w, *b;
+} sd_unet_conv;
+
+/*
+ * A linear layer: out = x·wᵀ + b (w (O, I), b (O) or NULL: to_q/to_k/to_v have none).  The place for a
+ * LoRA adapter: when lora_a (r, I) and lora_b (O, r) are set, out += lora_scale · (x·Aᵀ)·Bᵀ (PEFT's
+ * scaling alpha/r); sd_unet_new leaves them NULL, a LoRA loader or trainer fills them in.
+ */
+typedef struct sd_unet_linear {
+	const sd_tensor *w, *b;
+	const sd_tensor *lora_a, *lora_b;
+	float lora_scale;
+} sd_unet_linear;
+
+/* ResnetBlock2D with the time embedding ("default" time_embedding_norm). */
+typedef struct sd_unet_resnet {
+	int cin, cout;
+	const sd_tensor *norm1_w, *norm1_b, *norm2_w, *norm2_b; // (Cin), (Cout)
+	sd_unet_conv conv1, conv2;  // 3×3: (Cout, Cin), (Cout, Cout)
+	sd_unet_linear temb;        // time_emb_proj (Cout, T)
+	sd_unet_conv shortcut;      // conv_shortcut 1×1 when cin != cout, else w = NULL
+	float out_scale;            // output_scale_factor
+} sd_unet_resnet;
+
+/*
+ * The activations of one ResnetBlock2D forward, allocated by the caller.  A recorded forward gives each
+ * field its own tensor; inference aliases: n1 == h1 and n2 == h2 select the fused GroupNorm+SiLU, and
+ * a1 == n2 normalises in place.
+ */
+typedef struct sd_unet_resnet_act {
+	sd_tensor *n1; // (N,Cin,H,W)  norm1(x), before SiLU
+	sd_tensor *h1; // (N,Cin,H,W)  silu(n1)
+	sd_tensor *tp; // (N,Cout)     time_emb_proj(silu(temb))
+	sd_tensor *a1; // (N,Cout,H,W) conv1(h1) + tp (broadcast over space)
+	sd_tensor *n2; // (N,Cout,H,W) norm2(a1), before SiLU
+	sd_tensor *h2; // (N,Cout,H,W) silu(n2)
+	sd_tensor *sc; // (N,Cout,H,W) conv_shortcut(x), NULL without a shortcut
+} sd_unet_resnet_act;
+
+/* out (N,Cout,H,W) = (shortcut(x) + conv2(h2)) / out_scale for x (N,Cin,H,W) and temb_act (N,T) =
+ * silu(time embedding) (shared by every resnet).  out must not alias x or any act field. */
+int sd_unet_resnet_forward(sd_tensor *out, const sd_unet_resnet_act *act, const sd_tensor *x,
+                           const sd_tensor *temb_act, const sd_unet_resnet *p, int groups, float eps);
+
+/* Attention (attention_processor.py) without bias on to_q/to_k/to_v, scale dim_head^-0.5. */
+typedef struct sd_unet_attn {
+	int heads, dim_head;            // inner = heads·dim_head
+	sd_unet_linear q, k, v, out;    // (inner, Dq), (inner, Dkv), (inner, Dkv), to_out.0 (Dq, inner)
+} sd_unet_attn;
+
+typedef struct sd_unet_attn_act {
+	sd_tensor *q;     // (N,Lq,inner) to_q(x)
+	sd_tensor *k, *v; // (N,Lk,inner) to_k(kv), to_v(kv)
+	sd_tensor *probs; // (N,heads,Lq,Lk) softmax(q·kᵀ·scale), or NULL (not kept)
+	sd_tensor *o;     // (N,Lq,inner) probs·v, heads concatenated (the input of to_out)
+	sd_tensor *lora;  // (N,L,r) scratch for LoRA adapters, NULL when none is set
+} sd_unet_attn_act;
+
+/* BasicTransformerBlock (layer_norm, eps 1e-5): self-attention, cross-attention on the context, GEGLU
+ * feed-forward, each pre-normed with a residual. */
+typedef struct sd_unet_tblock {
+	const sd_tensor *ln1_w, *ln1_b, *ln2_w, *ln2_b, *ln3_w, *ln3_b; // (D)
+	sd_unet_attn attn1, attn2;
+	sd_unet_linear ff1;  // ff.net.0.proj (2F, D), F = 4·D
+	sd_unet_linear ff2;  // ff.net.2 (D, F)
+} sd_unet_tblock;
+
+/* Inference aliases ln1 == ln2 == ln3, r1 == r2 == x (residuals added in place), attn2's q/o == attn1's,
+ * tmp shared; out may then be x. */
+typedef struct sd_unet_tblock_act {
+	sd_tensor *ln1;         // (N,L,D) norm1(x)
+	sd_unet_attn_act a1;    // self-attention on ln1
+	sd_tensor *r1;          // (N,L,D) x + to_out(a1.o)
+	sd_tensor *ln2;         // (N,L,D) norm2(r1)
+	sd_unet_attn_act a2;    // cross-attention: q from ln2, k/v from the context
+	sd_tensor *r2;          // (N,L,D) r1 + to_out(a2.o)
+	sd_tensor *ln3;         // (N,L,D) norm3(r2)
+	sd_tensor *ffh;         // (N,L,2F) ff.net.0.proj(ln3)
+	sd_tensor *ffg;         // (N,L,F)  geglu(ffh)
+	sd_tensor *tmp;         // (N,L,D) scratch for the to_out / ff.net.2 outputs (not needed by a backward)
+} sd_unet_tblock_act;
+
+/* out (N,L,D) = r2 + ff(ln3) for x (N,L,D), context (N,Lc,Dc).  out may alias x/r1/r2 (inference). */
+int sd_unet_tblock_forward(sd_tensor *out, const sd_unet_tblock_act *act, const sd_tensor *x,
+                           const sd_tensor *context, const sd_unet_tblock *p);
+
+/* Transformer2DModel (continuous input): GroupNorm(groups, eps 1e-6) → proj_in → blocks → proj_out,
+ * plus the input.  proj_in/proj_out are kept as linear weights (I, C) / (C, I) whether the checkpoint
+ * stores them as 1×1 convs or as linears (a 1×1 conv on NCHW is the same linear on the pixels). */
+typedef struct sd_unet_transformer {
+	int c, inner, nlayers;
+	const sd_tensor *norm_w, *norm_b;  // (C)
+	sd_unet_linear proj_in, proj_out;  // (I, C), (C, I)
+	sd_unet_tblock blk[SD_UNET_MAX_TLAYERS];
+} sd_unet_transformer;
+
+typedef struct sd_unet_transformer_act {
+	sd_tensor *n;    // (N,C,H,W) norm(x)
+	sd_tensor *nl;   // (N,L,C)   n with pixels as rows, L = H·W
+	sd_tensor *h[SD_UNET_MAX_TLAYERS + 1]; // (N,L,I) h[0] = proj_in(nl), h[k+1] = blk[k](h[k])
+	sd_unet_tblock_act blk[SD_UNET_MAX_TLAYERS];
+	sd_tensor *p;    // (N,L,C)   proj_out(h[nlayers])
+} sd_unet_transformer_act;
+
+/* out (N,C,H,W) = x + proj_out(...) as NCHW; context (N,Lc,Dc).  out must not alias x or act fields. */
+int sd_unet_transformer_forward(sd_tensor *out, const sd_unet_transformer_act *act, const sd_tensor *x,
+                                const sd_tensor *context, const sd_unet_transformer *p, int groups);
+
+typedef struct sd_unet sd_unet;
+
+/* Build the UNet over loaded weights (sd_weights_load(m, SD_UNET, dev)): reads the config, finds every
+ * weight and checks its shape (a clear "unet: …" error otherwise; unsupported config options such as
+ * class or addition embeddings are refused by name).  Borrows w, which must outlive the UNet. */
+sd_unet *sd_unet_new(const sd_weights *w);
+void sd_unet_free(sd_unet *u);
+const sd_unet_config *sd_unet_get_config(const sd_unet *u);
+/* The layers in network order, for a trainer or a LoRA loader (mutable: adapters are set on the
+ * sd_unet_linear fields): resnets — down blocks, the mid block's two, up blocks; transformers — down
+ * blocks, mid block, up blocks.  NULL when out of range. */
+int sd_unet_resnet_count(const sd_unet *u);
+sd_unet_resnet *sd_unet_get_resnet(sd_unet *u, int i);
+int sd_unet_transformer_count(const sd_unet *u);
+sd_unet_transformer *sd_unet_get_transformer(sd_unet *u, int i);
+/* Bytes of activation memory held at the peak of the last call (every arena the call used). */
+size_t sd_unet_peak_bytes(const sd_unet *u);
+
+/* Called with the output of each module as diffusers' forward hooks see it: "time_proj",
+ * "time_embedding", "conv_in", "down_blocks.<i>" (after its downsampler), "down_blocks.<i>.res_samples.<j>"
+ * (the skips that block pushes), "mid_block", "up_blocks.<i>", "conv_norm_out" (before SiLU),
+ * "conv_act", "conv_out".  The tensor is on the UNet's device and lives until the hook returns. */
+typedef void (*sd_unet_hook)(void *ctx, const char *module, const sd_tensor *out);
+void sd_unet_set_hook(sd_unet *u, sd_unet_hook fn, void *ctx);
+
+/*
+ * eps (N,out,h,w) = unet(latent (N,in,h,w), t, context (N,Lc,Dc)): t holds nt timesteps, nt = N (one
+ * per sample, as training draws them) or 1 (broadcast), integer or fractional.  Any h, w ≥ 1 (the up
+ * blocks resize to the skips' sizes as diffusers does).  Tensors on the CPU or on the UNet's device.
+ * Activations come from `a` (on the UNet's device; the caller resets it; NULL = the UNet's own) plus
+ * per-layer scratch the UNet owns.  0 or -1 with a message (wrong channels or context width included).
+ */
+int sd_unet_forward(sd_unet *u, sd_arena *a, sd_tensor *eps, const sd_tensor *latent, const float *t, int nt,
+                    const sd_tensor *context);
+
+/*
+ * The forward with every activation a backward needs, all in the arena `a` (on the UNet's device,
+ * the caller resets it); headers and arrays in host memory owned by u, valid until the next forward.
+ * Tensors latent/context on the UNet's device.  Layers in network order (as sd_unet_get_resnet /
+ * sd_unet_get_transformer count them); each resnet's and transformer's input is recorded (an up
+ * block resnet's input is the concatenation with its skip).
+ */
+typedef struct sd_unet_act {
+	const sd_tensor *latent, *context; // the inputs (borrowed)
+	sd_tensor *time_proj;   // (N,T0) sinusoidal embedding
+	sd_tensor *temb_h;      // (N,T)  linear_1(time_proj)
+	sd_tensor *temb_a;      // (N,T)  silu(temb_h)
+	sd_tensor *temb;        // (N,T)  linear_2(temb_a)
+	sd_tensor *temb_act;    // (N,T)  silu(temb), the input of every time_emb_proj
+	sd_tensor *conv_in;     // (N,C0,h,w)
+	int nres, ntr;
+	sd_unet_resnet_act *res;        // [nres]
+	sd_tensor **res_in, **res_out;  // [nres]
+	sd_unet_transformer_act *tr;    // [ntr]
+	sd_tensor **tr_in, **tr_out;    // [ntr]
+	sd_tensor *down[SD_UNET_MAX_BLOCKS]; // downsampler outputs (NULL for the last block)
+	sd_tensor *up[SD_UNET_MAX_BLOCKS];   // up-block i: the nearest-resized input of its upsampler conv
+	sd_tensor *upconv[SD_UNET_MAX_BLOCKS]; // its conv output
+	sd_tensor *norm_out;    // (N,C0,h,w) conv_norm_out, before SiLU
+	sd_tensor *act_out;     // (N,C0,h,w) silu(norm_out)
+	sd_tensor *out;         // (N,out,h,w) conv_out
+} sd_unet_act;
+int sd_unet_forward_record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent, const float *t,
+                           int nt, const sd_tensor *context);
+
+/* ==== samplers (lib/models/sampler.c) ==== */
+
+/*
+ * The noise schedulers of diffusers 0.25, equal to them step for step (float32 arithmetic in diffusers'
+ * order, timestep and sigma tables as numpy computes them): PNDMScheduler (PLMS with skip_prk_steps, the
+ * SD 1.x default; PRK warm-up otherwise), DDIMScheduler (eta 0 or > 0), DDPMScheduler, EulerDiscrete,
+ * EulerAncestralDiscrete, DPMSolverMultistep (DPM++ 2M: dpmsolver++, midpoint, lower_order_final) and
+ * LMSDiscrete (order 4), with Karras sigmas for euler, dpmpp_2m and lms; timestep_spacing leading /
+ * trailing / linspace, steps_offset, set_alpha_to_one, prediction_type epsilon / v_prediction / sample.
+ *
+ * A run is a list of sd_sched_calls() steps (PNDM makes N + 1 model calls for N steps: its timestep list
+ * repeats one entry).  Per step i: feed the UNet sd_sched_scale_model_input(x, i) at timestep
+ * sd_sched_timestep(i), then sd_sched_step(x, model_output, i).  Steps go in order from a begin index
+ * (0 for text-to-image, sd_sched_strength_begin for image-to-image); the first step of a fresh scheduler
+ * may be any index, which then becomes the begin.  Latents are f32 CPU tensors of any shape.
+ */
+enum sd_sampler_kind {
+	SD_SAMPLER_PNDM = 0,
+	SD_SAMPLER_DDIM,
+	SD_SAMPLER_DDPM,
+	SD_SAMPLER_EULER,
+	SD_SAMPLER_EULER_A,
+	SD_SAMPLER_DPMPP_2M,
+	SD_SAMPLER_LMS,
+	SD_SAMPLER_COUNT
+};
+
+/* "pndm", "ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "lms". */
+const char *sd_sampler_name(enum sd_sampler_kind k);
+/* Parse a name (or the aliases "plms", "euler_ancestral", "dpm++2m", "dpm++_2m", "dpmpp2m"); -1 with
+ * "unknown sampler 'x' (known: …)" otherwise. */
+int sd_sampler_parse(const char *name, enum sd_sampler_kind *out);
+
+typedef struct sd_sched sd_sched;
+
+/*
+ * A scheduler of `kind` for `steps` inference steps, configured from a scheduler_config.json text
+ * (sd_model_scheduler_json; NULL = the SD 1.x config) the way diffusers' from_config resolves it: keys
+ * the class does not take are ignored, absent ones get the class's defaults (timestep_spacing "leading"
+ * for pndm/ddim/ddpm, "linspace" for the others).  karras: < 0 = the config's use_karras_sigmas, 0 = off,
+ * > 0 = on (euler, dpmpp_2m, lms only).  eta: DDIM's η (0 = deterministic; must be 0 for the others).
+ * NULL with a message on a bad config, an unsupported option, steps < 1 or > num_train_timesteps.
+ */
+sd_sched *sd_sched_new(const char *config_json, enum sd_sampler_kind kind, int steps, int karras, double eta);
+void sd_sched_free(sd_sched *s);
+
+enum sd_sampler_kind sd_sched_kind(const sd_sched *s);
+int sd_sched_steps(const sd_sched *s);     /* num_inference_steps as given */
+int sd_sched_calls(const sd_sched *s);     /* len(scheduler.timesteps): model calls of a full run */
+int sd_sched_karras(const sd_sched *s);    /* 1 when Karras sigmas are in use */
+double sd_sched_eta(const sd_sched *s);
+/* scheduler.timesteps[i] (integer-valued except for euler/euler_a/lms; NaN out of range). */
+double sd_sched_timestep(const sd_sched *s, int i);
+/* scheduler.sigmas[i], i in [0, calls] (euler, euler_a, lms, dpmpp_2m; NaN for the others). */
+float sd_sched_sigma(const sd_sched *s, int i);
+/* The factor for the initial noise: 1, or the largest sigma (≈14.61 for euler with SD 1.x). */
+float sd_sched_init_noise_sigma(const sd_sched *s);
+/* The training schedule, num_train_timesteps entries (*n), float32 as torch makes it. */
+const float *sd_sched_betas(const sd_sched *s, int *n);
+const float *sd_sched_alphas_cumprod(const sd_sched *s, int *n);
+
+/* Image-to-image: the first step index for `strength` in [0, 1], as StableDiffusionImg2ImgPipeline
+ * computes it (init_timestep = int(steps·strength), t_start = steps − init_timestep, index t_start·order);
+ * -1 with a message when strength is out of range or leaves no step to run. */
+int sd_sched_strength_begin(const sd_sched *s, double strength);
+/* Start a run at step i (forgets the history). */
+int sd_sched_set_begin(sd_sched *s, int i);
+int sd_sched_begin(const sd_sched *s);
+/* The next step to take (= the step index reached). */
+int sd_sched_index(const sd_sched *s);
+
+/* out = the UNet input for step i: x / (σ_i² + 1)^½ for euler/euler_a/lms, x otherwise (out may be x). */
+int sd_sched_scale_model_input(const sd_sched *s, sd_tensor *out, const sd_tensor *x, int i);
+/* out = x0 noised to step i's timestep with the sampler's own add_noise (√ᾱ·x0 + √(1−ᾱ)·noise, or
+ * x0 + σ·noise for the sigma samplers, α_t·x0 + σ_t·noise for dpmpp_2m); out may alias x0. */
+int sd_sched_add_noise(const sd_sched *s, sd_tensor *out, const sd_tensor *x0, const sd_tensor *noise, int i);
+
+/*
+ * One step at index i (the next one, see above): x ← prev_sample given the model output (same shape).
+ * Stochastic steps (ddim with eta > 0, ddpm, euler_a) add `noise` when given, else draw it from `rng` as
+ * diffusers' randn_tensor does (torch.randn of x's shape), else fail; euler also draws (and, with
+ * s_churn 0, discards) one randn per step when given only a generator, as diffusers does, so a seeded
+ * run stays on diffusers' stream.  pred_x0, when not NULL, receives pred_original_sample (DPM-Solver's
+ * converted x0; left untouched by pndm).  On failure x may be partly written.
+ */
+int sd_sched_step(sd_sched *s, sd_tensor *x, const sd_tensor *model_output, int i, const sd_tensor *noise,
+                  sd_rng *rng, sd_tensor *pred_x0);
+
+/*
+ * The state in a frame's sampler map: sets "name", "steps", "karras", "eta", "begin", "step" (the next
+ * step index) and the history: pndm "ets" (array of tensors, oldest first), "cur_sample",
+ * "cur_model_output"; dpmpp_2m "model_outputs" (array, nil for none), "lower_order_nums"; lms
+ * "derivatives".  Other keys of the map are kept.  sd_sched_load restores it into a scheduler made with
+ * the same sampler and steps (checked), so a run continued in another process is bit-identical.
+ */
+int sd_sched_save(const sd_sched *s, sd_value *map);
+int sd_sched_load(sd_sched *s, const sd_value *map);
+
 #endif
