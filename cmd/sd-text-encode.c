@@ -1,0 +1,163 @@
+/*
+ * sd-text-encode - CLIP token ids to text-encoder hidden states (see sd-text-encode(1)).
+ *
+ *   sd-tokenize "a photo in the style of **" | sd-text-encode -m model | sd-info
+ *
+ * A filter in sd-tensor(5) terms: "tokens" (i32 [N,L]) → "context" (f32 [N,L,D]) and, when the frame
+ * has them, "uncond_tokens" → "uncond_context", the last_hidden_state of transformers' CLIPTextModel
+ * (lib/models/clip.c); every other key passes through.  Only the model's text encoder is loaded.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "sd.h"
+#include "sd_cli.h"
+
+struct opts {
+	const char *model, *config, *device;
+	int clip_skip; /* 0 = not given (the last layer) */
+	/* --lora PATH[:SCALE] (repeatable) comes with the LoRA issue: adapters on q_proj/v_proj, applied
+	 * through sd_clip_linear once lib/models/lora.c exists. */
+};
+
+static void usage(void)
+{
+	printf("Usage: %s -m MODEL [OPTION]...\n"
+	       "Encode CLIP token ids with a model's text encoder: reads a tensor stream, replaces\n"
+	       "\"tokens\" (i32 [N,L]) with \"context\" (f32 [N,L,D]) and \"uncond_tokens\" with\n"
+	       "\"uncond_context\", and passes every other key through.\n"
+	       "\n"
+	       "  -m, --model PATH     diffusers folder, .safetensors or .ckpt (default: $SD_MODEL)\n"
+	       "      --config DIR     diffusers folder whose text_encoder/config.json describes a\n"
+	       "                       single-file model (default: $SD_MODEL_CONFIG)\n"
+	       "      --clip-skip N    use the output of the layer N-1 before the last, then the final\n"
+	       "                       layer norm (A1111's CLIP skip; 1 = the last layer, the default)\n"
+	       "      --device DEV     cpu, cuda or auto (default: $SD_DEVICE, else auto)\n"
+	       "  -v, --verbose        report model loading and each frame on standard error\n"
+	       "  -h, --help           display this help and exit\n"
+	       "      --version        output version information and exit\n"
+	       "\n"
+	       "Example: sd-tokenize \"a photo in the style of **\" | %s -m model | sd-info\n",
+	       sd_prog, sd_prog);
+	exit(0);
+}
+
+static void bad_option(int c, char **argv)
+{
+	const char *arg = argv[optind - 1];
+	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
+	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
+	sd_usage_error("unrecognized option '%s'", arg);
+}
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Encode frame[in] into frame[out]; 0 when the frame has no `in` key. */
+static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char *out, int clip_skip,
+                      long idx)
+{
+	sd_value *v = sd_map_get(frame, in);
+	if (!v) return 0;
+	if (v->type != SD_V_TENSOR) sd_die("stdin: frame %ld: \"%s\" is not a tensor", idx, in);
+	const sd_tensor *t = v->u.t;
+	char s[96];
+	if (t->ndim != 2 || (t->dtype != SD_DTYPE_I32 && t->dtype != SD_DTYPE_I64))
+		sd_die("stdin: frame %ld: \"%s\" is %s %s, expected i32 [N,77]", idx, in, sd_dtype_name(t->dtype),
+		       sd_shape_str(t->ndim, t->shape, s, sizeof s));
+	const int64_t N = t->shape[0], L = t->shape[1], D = sd_clip_get_config(clip)->hidden;
+	sd_tensor *ctx = N > 0 && L > 0 ? sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D) : NULL;
+	if (!ctx || sd_clip_encode(clip, ctx, t, clip_skip, NULL) < 0)
+		sd_die("stdin: frame %ld: \"%s\": %s", idx, in,
+		       N > 0 && L > 0 ? sd_errmsg() : "an empty tensor holds no tokens");
+	if (sd_map_set_tensor(frame, out, ctx) < 0) sd_die("stdin: frame %ld: %s", idx, sd_errmsg());
+	return 1;
+}
+
+int main(int argc, char **argv)
+{
+	enum { OPT_CONFIG = 256, OPT_CLIP_SKIP, OPT_DEVICE, OPT_VERSION };
+	static const struct option longopts[] = {
+		{"model", required_argument, NULL, 'm'},
+		{"config", required_argument, NULL, OPT_CONFIG},
+		{"clip-skip", required_argument, NULL, OPT_CLIP_SKIP},
+		{"device", required_argument, NULL, OPT_DEVICE},
+		{"verbose", no_argument, NULL, 'v'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, OPT_VERSION},
+		{NULL, 0, NULL, 0},
+	};
+	struct opts o = {0};
+	int c;
+
+	sd_cli_init(argc, argv);
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'm': o.model = optarg; break;
+		case OPT_CONFIG: o.config = optarg; break;
+		case OPT_CLIP_SKIP: o.clip_skip = (int)sd_parse_int("--clip-skip", optarg, 1, 1000); break;
+		case OPT_DEVICE: o.device = optarg; break;
+		case 'v': sd_verbose = 1; break;
+		case 'h': usage(); break;
+		case OPT_VERSION: sd_print_version(); break;
+		default: bad_option(c, argv);
+		}
+	}
+	if (optind < argc) sd_usage_error("unexpected argument '%s' (the stream comes on standard input)", argv[optind]);
+	const char *env = getenv("SD_MODEL");
+	if (!o.model && !(env && *env)) sd_usage_error("no model: give -m MODEL or set SD_MODEL");
+	if (o.model && !*o.model) sd_usage_error("--model: the path is empty");
+	if (o.device && strcasecmp(o.device, "cpu") && strcasecmp(o.device, "cuda") && strcasecmp(o.device, "auto"))
+		sd_usage_error("--device: unknown device '%s' (expected cpu, cuda or auto)", o.device);
+	enum sd_device dev;
+	if (sd_device_parse(o.device, &dev) < 0) sd_die("--device: %s", sd_errmsg());
+
+	double t0 = now();
+	sd_model *m = sd_model_open(o.model, o.config);
+	if (!m) sd_die("%s", sd_errmsg());
+	if (!sd_model_has(m, SD_TEXT_ENCODER))
+		sd_die("%s: the model has no text encoder", sd_model_path(m));
+	sd_weights *w = sd_weights_load(m, SD_TEXT_ENCODER, dev);
+	if (!w) sd_die("%s", sd_errmsg());
+	sd_clip *clip = sd_clip_new(w);
+	if (!clip) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
+	const sd_clip_config *cfg = sd_clip_get_config(clip);
+	if (o.clip_skip > cfg->layers)
+		sd_usage_error("--clip-skip: %d is more than the text encoder's %d layers", o.clip_skip, cfg->layers);
+	sd_info("%s (%s): text encoder, %d layers, width %d, %d heads, %lld parameters, on %s, %.2f s",
+	        sd_model_path(m), sd_model_format(m), cfg->layers, cfg->hidden, cfg->heads,
+	        (long long)sd_weights_params(w), sd_device_name(dev), now() - t0);
+
+	sd_reader *r = sd_reader_new(stdin, "stdin");
+	if (!r) sd_die_lib("stdin");
+	long nframes = 0;
+	sd_value *frame;
+	int rc;
+	while ((rc = sd_reader_next(r, &frame)) == 1) {
+		long idx = sd_reader_index(r);
+		double t1 = now();
+		if (!sd_map_get(frame, "tokens"))
+			sd_die("stdin: frame %ld: no \"tokens\" key (sd-tokenize makes it)", idx);
+		encode_key(clip, frame, "tokens", "context", o.clip_skip, idx);
+		int un = encode_key(clip, frame, "uncond_tokens", "uncond_context", o.clip_skip, idx);
+		sd_write_frame_or_die(frame);
+		sd_info("frame %ld: context%s, %.3f s", idx, un ? " and uncond_context" : "", now() - t1);
+		sd_value_free(frame);
+		nframes++;
+	}
+	if (rc < 0) sd_die("%s", sd_errmsg());
+	if (nframes == 0) sd_die("stdin: no frames on input");
+	sd_reader_free(r);
+	sd_clip_free(clip);
+	sd_weights_free(w);
+	sd_model_close(m);
+	sd_close_stdout();
+	return 0;
+}
