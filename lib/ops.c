@@ -74,11 +74,24 @@ int sd_cuda_available(void)
 	return sd_cuda_backend() != NULL;
 }
 
+/* 1 when every slot of the table is filled (the table is a run of pointers after name and device). */
+static int backend_complete(const struct sd_backend *be)
+{
+	const char *p = (const char *)&be->alloc, *end = (const char *)(be + 1);
+	for (; p + sizeof(void (*)(void)) <= end; p += sizeof(void (*)(void))) {
+		void (*f)(void);
+		memcpy(&f, p, sizeof f);
+		if (!f) return 0;
+	}
+	return 1;
+}
+
 int sd_device_parse(const char *s, enum sd_device *out)
 {
 	if (!s || !*s) s = getenv("SD_DEVICE");
 	if (!s || !*s || !strcasecmp(s, "auto")) {
-		*out = sd_cuda_available() ? SD_DEVICE_CUDA : SD_DEVICE_CPU;
+		/* CUDA only when its backend can run every op; until then auto means the CPU */
+		*out = sd_cuda_available() && backend_complete(sd_cuda_backend()) ? SD_DEVICE_CUDA : SD_DEVICE_CPU;
 		return 0;
 	}
 	if (!strcasecmp(s, "cpu")) {

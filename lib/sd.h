@@ -585,6 +585,9 @@ typedef struct sd_vae sd_vae;
  * VAE.  Accepts attention weights as linear (C,C) or 1×1 conv (C,C,1,1), named to_q/to_k/to_v/to_out.0
  * or the older query/key/value/proj_attn. */
 sd_vae *sd_vae_new(const sd_weights *w);
+/* A VAE of the given sizes with random weights it owns (uniform, torch's default scale), on dev: for
+ * benchmarks and tests that need a shape no fixture has (the full SD 1.5 VAE). */
+sd_vae *sd_vae_new_random(const sd_vae_config *c, enum sd_device dev, uint64_t seed);
 void sd_vae_free(sd_vae *v);
 const sd_vae_config *sd_vae_get_config(const sd_vae *v);
 /* The spatial factor between image and latent: 2^(nblocks-1) (8 for SD 1.x). */

@@ -346,6 +346,7 @@ struct sd_arena {
 	size_t block_size;
 	struct block *head; /* current block first */
 	size_t used, peak;  /* bytes handed out since the last reset */
+	sd_arena *host;     /* for a device arena: host memory for tensor headers */
 };
 
 sd_arena *sd_arena_new(enum sd_device dev, size_t block)
@@ -396,7 +397,10 @@ sd_tensor *sd_arena_tensor(sd_arena *a, enum sd_dtype dtype, int ndim, const int
 		if ((unsigned)dtype >= SD_DTYPE_COUNT) sd_seterr("bad dtype %d", (int)dtype);
 		return NULL;
 	}
-	sd_tensor *t = sd_arena_alloc(a, sizeof *t);
+	/* headers are written by the host: on a device arena they live in a host-side companion arena */
+	if (a->dev != SD_DEVICE_CPU && !a->host && !(a->host = sd_arena_new(SD_DEVICE_CPU, 64 << 10)))
+		return NULL;
+	sd_tensor *t = sd_arena_alloc(a->dev != SD_DEVICE_CPU ? a->host : a, sizeof *t);
 	if (!t) return NULL;
 	memset(t, 0, sizeof *t);
 	t->data = sd_arena_alloc(a, (size_t)n * sd_dtype_size(dtype));
@@ -426,6 +430,7 @@ void sd_arena_reset(sd_arena *a)
 	}
 	if (a->head) a->head->used = 0;
 	a->used = 0;
+	if (a->host) sd_arena_reset(a->host);
 }
 
 size_t sd_arena_used(const sd_arena *a)
@@ -447,5 +452,6 @@ void sd_arena_free(sd_arena *a)
 		be->free(b->base);
 		free(b);
 	}
+	sd_arena_free(a->host);
 	free(a);
 }
