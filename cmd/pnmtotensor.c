@@ -30,13 +30,6 @@ static void usage(void)
 
 /* getopt_long's complaint as one usage error (opterr is off so that stderr gets exactly one line plus
  * the "Try" line). */
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
 
 /* Convert every image of one input; returns the number of images (0 is an error for the caller). */
 static long convert(const char *path)
@@ -91,7 +84,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 

@@ -39,13 +39,6 @@ static void usage(void)
 	exit(0);
 }
 
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
 
 /* ==== a small string builder for one output line ==== */
 
@@ -434,7 +427,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 

@@ -44,20 +44,7 @@ static void usage(void)
 	exit(0);
 }
 
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
 
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Encode frame[in] into frame[out]; 0 when the frame has no `in` key. */
 static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char *out, int clip_skip,
@@ -107,7 +94,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case OPT_VERSION: sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 	if (optind < argc) sd_usage_error("unexpected argument '%s' (the stream comes on standard input)", argv[optind]);
@@ -119,7 +106,7 @@ int main(int argc, char **argv)
 	enum sd_device dev;
 	if (sd_device_parse(o.device, &dev) < 0) sd_die("--device: %s", sd_errmsg());
 
-	double t0 = now();
+	double t0 = sd_now();
 	sd_model *m = sd_model_open(o.model, o.config);
 	if (!m) sd_die("%s", sd_errmsg());
 	if (!sd_model_has(m, SD_TEXT_ENCODER))
@@ -133,7 +120,7 @@ int main(int argc, char **argv)
 		sd_usage_error("--clip-skip: %d is more than the text encoder's %d layers", o.clip_skip, cfg->layers);
 	sd_info("%s (%s): text encoder, %d layers, width %d, %d heads, %lld parameters, on %s, %.2f s",
 	        sd_model_path(m), sd_model_format(m), cfg->layers, cfg->hidden, cfg->heads,
-	        (long long)sd_weights_params(w), sd_device_name(dev), now() - t0);
+	        (long long)sd_weights_params(w), sd_device_name(dev), sd_now() - t0);
 
 	sd_reader *r = sd_reader_new(stdin, "stdin");
 	if (!r) sd_die_lib("stdin");
@@ -142,13 +129,13 @@ int main(int argc, char **argv)
 	int rc;
 	while ((rc = sd_reader_next(r, &frame)) == 1) {
 		long idx = sd_reader_index(r);
-		double t1 = now();
+		double t1 = sd_now();
 		if (!sd_map_get(frame, "tokens"))
 			sd_die("stdin: frame %ld: no \"tokens\" key (sd-tokenize makes it)", idx);
 		encode_key(clip, frame, "tokens", "context", o.clip_skip, idx);
 		int un = encode_key(clip, frame, "uncond_tokens", "uncond_context", o.clip_skip, idx);
 		sd_write_frame_or_die(frame);
-		sd_info("frame %ld: context%s, %.3f s", idx, un ? " and uncond_context" : "", now() - t1);
+		sd_info("frame %ld: context%s, %.3f s", idx, un ? " and uncond_context" : "", sd_now() - t1);
 		sd_value_free(frame);
 		nframes++;
 	}

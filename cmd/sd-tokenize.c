@@ -57,13 +57,6 @@ static void usage(void)
 	exit(0);
 }
 
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
 
 /* Offset of the first byte that is not part of well-formed UTF-8 (no overlongs, surrogates or code
  * points above U+10FFFF), or -1 when all of s is valid. */
@@ -210,7 +203,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case OPT_VERSION: sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 	if (o.model && !*o.model) sd_usage_error("--model: the path is empty");

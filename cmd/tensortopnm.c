@@ -40,13 +40,6 @@ static void usage(void)
 	exit(0);
 }
 
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
 
 /* A file-name pattern must hold exactly one integer conversion (%d, %05d, …); %% is a literal %. */
 static void check_pattern(const char *p)
@@ -116,7 +109,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 	if (argc - optind > 1) sd_usage_error("too many files (one stream at a time)");

@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include "sd_cli.h"
 
@@ -148,4 +149,19 @@ void sd_close_stdout(void)
 int sd_stderr_tty(void)
 {
 	return isatty(2);
+}
+
+void sd_bad_option(int c, char **argv)
+{
+	const char *arg = argv[optind - 1];
+	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
+	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
+	sd_usage_error("unrecognized option '%s'", arg);
+}
+
+double sd_now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }

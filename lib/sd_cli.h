@@ -33,6 +33,13 @@ void sd_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 long long sd_parse_int(const char *opt, const char *s, long long lo, long long hi);
 double sd_parse_float(const char *opt, const char *s, double lo, double hi);
 
+/* For getopt_long's '?' or ':' (with opterr = 0): "unrecognized option '--x'", "invalid option -- 'x'"
+ * or "option '--m' requires an argument", then the usage error exit (2). */
+void sd_bad_option(int c, char **argv) __attribute__((noreturn));
+
+/* Monotonic seconds, for -v timings. */
+double sd_now(void);
+
 /* "--version" output: "<prog> (sdpipe) 0.1.0" to stdout, exit 0. */
 void sd_print_version(void) __attribute__((noreturn));
 
