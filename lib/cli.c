@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,6 +26,14 @@ static void at_exit(void)
 void sd_cli_init(int argc, char **argv)
 {
 	(void)argc;
+	/* libgomp reads its wait policy before main runs.  Its default spins at every barrier, which costs a
+	 * scheduler time slice whenever the cores are shared — and in a pipeline they always are (each tool
+	 * of `a | b | c` has its own threads): a tiny-model decode took 2 s with 2 threads and 0.3 s with 1.
+	 * So a tool starts itself again once with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy. */
+	if (argv && !getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
+		setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+		execv("/proc/self/exe", argv); /* returns only on failure: then run on as we are */
+	}
 	if (argv && argv[0]) {
 		const char *s = strrchr(argv[0], '/');
 		sd_prog = s ? s + 1 : argv[0];

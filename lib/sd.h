@@ -491,6 +491,12 @@ void sd_rng_rand(sd_rng *r, float *out, int64_t n);
  * -1 with a message when hi <= lo (nothing drawn). */
 int sd_rng_randint(sd_rng *r, int64_t lo, int64_t hi, int64_t *out, int64_t n);
 
+/* The generator as frames carry it (lib/rng-frame.c): a map {"seed": int, "draws": int,
+ * "cached": float or nil} under the frame key "generator".  sd_rng_from_value rebuilds the exact state
+ * (sd_rng_restore); -1 with a message when the map is malformed. */
+sd_value *sd_rng_to_value(const sd_rng *r);
+int sd_rng_from_value(sd_rng *r, const sd_value *v);
+
 /* ==== files ==== */
 
 /* Read a whole file into a NUL-terminated malloc'd buffer (at most `cap` bytes, 0 = 256 MiB). */
@@ -925,6 +931,11 @@ typedef struct sd_unet sd_unet;
  * weight and checks its shape (a clear "unet: …" error otherwise; unsupported config options such as
  * class or addition embeddings are refused by name).  Borrows w, which must outlive the UNet. */
 sd_unet *sd_unet_new(const sd_weights *w);
+/* A UNet of the given sizes with random weights it owns (uniform at torch's default scale), on dev:
+ * for benchmarks and tests that need a shape no fixture has (the full SD 1.5 UNet).  Fields left 0 take
+ * diffusers' defaults (layers 2, heads 8, cross_dim 768, 1 transformer layer, 32 groups, eps 1e-5,
+ * 3×3 conv_in/out, temb 4·block_out[0]); set down_attn/up_attn/mid_attn for the block types. */
+sd_unet *sd_unet_new_random(const sd_unet_config *c, enum sd_device dev, uint64_t seed);
 void sd_unet_free(sd_unet *u);
 const sd_unet_config *sd_unet_get_config(const sd_unet *u);
 /* The layers in network order, for a trainer or a LoRA loader (mutable: adapters are set on the
@@ -934,6 +945,11 @@ int sd_unet_resnet_count(const sd_unet *u);
 sd_unet_resnet *sd_unet_get_resnet(sd_unet *u, int i);
 int sd_unet_transformer_count(const sd_unet *u);
 sd_unet_transformer *sd_unet_get_transformer(sd_unet *u, int i);
+/* A linear layer by its diffusers module name ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+ * "time_embedding.linear_1", "mid_block.resnets.0.time_emb_proj", …), NULL when there is none.  LoRA
+ * adapters (lora_a, lora_b, lora_scale) are honoured on the attention projections to_q, to_k, to_v and
+ * to_out.0; the caller keeps the adapter tensors alive (f32, on the UNet's device). */
+sd_unet_linear *sd_unet_find_linear(sd_unet *u, const char *module);
 /* Bytes of activation memory held at the peak of the last call (every arena the call used). */
 size_t sd_unet_peak_bytes(const sd_unet *u);
 

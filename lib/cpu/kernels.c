@@ -14,6 +14,11 @@
 #include "../backend.h"
 #include "cpu.h"
 
+/* Run a loop in parallel only when it has enough work: a parallel region costs microseconds when the
+ * cores are idle and a scheduler time slice when they are busy, which made small models (the test
+ * fixtures) several times slower with 2 threads than with 1. */
+#define PAR(work) ((work) >= ((int64_t)1 << 15))
+
 /* ==== convolution ==== */
 
 /* Bytes of im2col scratch per tile: large enough for sgemm to run at full speed, small enough that a
@@ -24,7 +29,7 @@
 static void im2col(float *col, const float *x, int64_t C, int64_t H, int64_t W, int kh, int kw,
                    int stride, int pt, int pl, int64_t Wo, int64_t p0, int64_t ncols)
 {
-	#pragma omp parallel for collapse(2) schedule(static)
+	#pragma omp parallel for collapse(2) schedule(static) if(PAR(C * kh * kw * ncols))
 	for (int64_t c = 0; c < C; c++)
 		for (int k = 0; k < kh * kw; k++) {
 			int ky = k / kw, kx = k % kw;
@@ -53,7 +58,7 @@ static int conv_shifted(float *out, const float *x, const float *w, const float 
 	float *wt = xp ? sd_cpu_scratch(2, (size_t)(taps * O * C) * sizeof(float)) : NULL;
 	float *ow = wt ? sd_cpu_scratch(3, (size_t)(O * N) * sizeof(float)) : NULL;
 	if (!ow) return -1;
-	#pragma omp parallel for schedule(static)
+	#pragma omp parallel for schedule(static) if(PAR(C * S))
 	for (int64_t c = 0; c < C; c++) {
 		float *d = xp + c * S;
 		const float *src = x + c * H * W;
@@ -68,7 +73,7 @@ static int conv_shifted(float *out, const float *x, const float *w, const float 
 		}
 	}
 	/* (O, C, kh, kw) → (taps, O, C) */
-	#pragma omp parallel for schedule(static)
+	#pragma omp parallel for schedule(static) if(PAR(O * C * taps))
 	for (int64_t o = 0; o < O; o++)
 		for (int64_t c = 0; c < C; c++)
 			for (int64_t t = 0; t < taps; t++) wt[(t * O + o) * C + c] = w[(o * C + c) * taps + t];
@@ -77,7 +82,7 @@ static int conv_shifted(float *out, const float *x, const float *w, const float 
 		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)O, (int)N, (int)C, 1.0f, wt + t * O * C,
 		            (int)C, xp + ky * Wp + kx, (int)S, t ? 1.0f : 0.0f, ow, (int)N);
 	}
-	#pragma omp parallel for collapse(2) schedule(static)
+	#pragma omp parallel for collapse(2) schedule(static) if(PAR(O * Ho * Wo))
 	for (int64_t o = 0; o < O; o++)
 		for (int64_t y = 0; y < Ho; y++) {
 			float bo = b ? b[o] : 0.0f;
@@ -110,7 +115,7 @@ static int cpu_conv2d(float *out, const float *x, const float *w, const float *b
 		const float *xn = x + n * C * H * W;
 		float *on = out + n * O * P;
 		if (b) {
-			#pragma omp parallel for schedule(static)
+			#pragma omp parallel for schedule(static) if(PAR(O * P))
 			for (int64_t o = 0; o < O; o++)
 				for (int64_t p = 0; p < P; p++) on[o * P + p] = b[o];
 		}
@@ -140,7 +145,7 @@ static int cpu_group_norm(float *out, const float *x, const float *gamma, const 
                           int64_t C, int64_t S, int groups, float eps, int act)
 {
 	int64_t cg = C / groups;
-	#pragma omp parallel for collapse(2) schedule(static)
+	#pragma omp parallel for collapse(2) schedule(static) if(PAR(N * C * S))
 	for (int64_t n = 0; n < N; n++)
 		for (int g = 0; g < groups; g++) {
 			const float *xs = x + (n * C + g * cg) * S;
@@ -173,7 +178,7 @@ static int cpu_group_norm(float *out, const float *x, const float *gamma, const 
 static int cpu_layer_norm(float *out, const float *x, const float *gamma, const float *beta, int64_t rows,
                           int64_t D, float eps)
 {
-	#pragma omp parallel for schedule(static)
+	#pragma omp parallel for schedule(static) if(PAR(rows * D))
 	for (int64_t r = 0; r < rows; r++) {
 		const float *xr = x + r * D;
 		float *o = out + r * D;
@@ -202,22 +207,22 @@ static int cpu_act(float *out, const float *x, int64_t n, enum sd_act act)
 {
 	switch (act) {
 	case SD_ACT_SILU:
-		#pragma omp parallel for simd schedule(static)
+		#pragma omp parallel for simd schedule(static) if(PAR(n))
 		for (int64_t i = 0; i < n; i++) out[i] = silu(x[i]);
 		break;
 	case SD_ACT_GELU:
-		#pragma omp parallel for schedule(static)
+		#pragma omp parallel for schedule(static) if(PAR(n))
 		for (int64_t i = 0; i < n; i++) out[i] = gelu_erf(x[i]);
 		break;
 	case SD_ACT_GELU_TANH:
-		#pragma omp parallel for schedule(static)
+		#pragma omp parallel for schedule(static) if(PAR(n))
 		for (int64_t i = 0; i < n; i++) {
 			float v = x[i];
 			out[i] = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 		}
 		break;
 	case SD_ACT_QUICK_GELU:
-		#pragma omp parallel for simd schedule(static)
+		#pragma omp parallel for simd schedule(static) if(PAR(n))
 		for (int64_t i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-1.702f * x[i]));
 		break;
 	default:
@@ -228,7 +233,7 @@ static int cpu_act(float *out, const float *x, int64_t n, enum sd_act act)
 
 static int cpu_geglu(float *out, const float *x, int64_t rows, int64_t F)
 {
-	#pragma omp parallel for schedule(static)
+	#pragma omp parallel for schedule(static) if(PAR(rows * F))
 	for (int64_t r = 0; r < rows; r++) {
 		const float *a = x + r * 2 * F, *g = a + F;
 		float *o = out + r * F;
@@ -241,19 +246,19 @@ static int cpu_add(float *out, const float *a, const float *b, float alpha, floa
                    int64_t S)
 {
 	if (!b) {
-		#pragma omp parallel for simd schedule(static)
+		#pragma omp parallel for simd schedule(static) if(PAR(n))
 		for (int64_t i = 0; i < n; i++) out[i] = alpha * a[i];
 	} else if (m == n && S == 1) {
 		if (alpha == 1.0f && beta == 1.0f) {
-			#pragma omp parallel for simd schedule(static)
+			#pragma omp parallel for simd schedule(static) if(PAR(n))
 			for (int64_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 		} else {
-			#pragma omp parallel for simd schedule(static)
+			#pragma omp parallel for simd schedule(static) if(PAR(n))
 			for (int64_t i = 0; i < n; i++) out[i] = alpha * a[i] + beta * b[i];
 		}
 	} else {
 		int64_t blocks = n / S;
-		#pragma omp parallel for schedule(static)
+		#pragma omp parallel for schedule(static) if(PAR(n))
 		for (int64_t k = 0; k < blocks; k++) {
 			float bv = beta * b[k % m];
 			for (int64_t i = k * S; i < (k + 1) * S; i++) out[i] = alpha * a[i] + bv;
@@ -264,14 +269,14 @@ static int cpu_add(float *out, const float *a, const float *b, float alpha, floa
 
 static int cpu_mul(float *out, const float *a, const float *b, int64_t n)
 {
-	#pragma omp parallel for simd schedule(static)
+	#pragma omp parallel for simd schedule(static) if(PAR(n))
 	for (int64_t i = 0; i < n; i++) out[i] = a[i] * b[i];
 	return 0;
 }
 
 static int cpu_softmax(float *x, int64_t rows, int64_t cols, int64_t ld, float scale, int64_t causal)
 {
-	#pragma omp parallel for schedule(static)
+	#pragma omp parallel for schedule(static) if(PAR(rows * cols))
 	for (int64_t r = 0; r < rows; r++) {
 		float *xr = x + r * ld;
 		int64_t lim = causal >= 0 ? r + causal + 1 : cols;
@@ -298,7 +303,7 @@ static int cpu_softmax(float *x, int64_t rows, int64_t cols, int64_t ld, float s
 static int cpu_transpose(float *out, const float *x, int64_t batch, int64_t R, int64_t C)
 {
 	enum { T = 32 };
-	#pragma omp parallel for collapse(3) schedule(static)
+	#pragma omp parallel for collapse(3) schedule(static) if(PAR(batch * R * C))
 	for (int64_t b = 0; b < batch; b++)
 		for (int64_t i0 = 0; i0 < R; i0 += T)
 			for (int64_t j0 = 0; j0 < C; j0 += T) {
@@ -312,7 +317,7 @@ static int cpu_transpose(float *out, const float *x, int64_t batch, int64_t R, i
 
 static int cpu_upsample2x(float *out, const float *x, int64_t P, int64_t H, int64_t W)
 {
-	#pragma omp parallel for collapse(2) schedule(static)
+	#pragma omp parallel for collapse(2) schedule(static) if(PAR(P * H * W * 4))
 	for (int64_t p = 0; p < P; p++)
 		for (int64_t y = 0; y < H; y++) {
 			const float *src = x + (p * H + y) * W;

@@ -1,0 +1,159 @@
+/*
+ * sd-vae-decode - latents to images with a Stable Diffusion VAE (see sd-vae-decode(1)).  A filter:
+ *
+ *   ... | sd-unet-step -m MODEL | sd-vae-decode -m MODEL | tensortopnm > out.ppm
+ *
+ * Every frame's "latent" (f32 [N,4,h,w], already multiplied by the scaling factor, as the UNet sees it)
+ * becomes "image" = clamp(AutoencoderKL.decode(latent / scaling_factor) / 2 + 0.5, 0, 1), f32
+ * [N,3,8h,8w] (diffusers' pipelines with output_type "np").  Every other key is passed through.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sd.h"
+#include "sd_cli.h"
+
+struct opts {
+	const char *model, *config, *device;
+	int tile; /* sd_vae_tiling.tile: 0 auto, -1 never */
+};
+
+static void usage(void)
+{
+	printf("Usage: %s [OPTION]... [FILE]\n"
+	       "Decode the \"latent\" (f32 [N,4,h,w], scaled by the VAE's scaling factor) of every frame of a\n"
+	       "tensor stream into an \"image\" (f32 [N,3,8h,8w] in [0,1]) with the VAE of a Stable Diffusion\n"
+	       "model; other keys pass through.  With no FILE, or when FILE is -, read standard input.\n"
+	       "\n"
+	       "  -m, --model PATH   diffusers folder, single-file .safetensors or .ckpt (default $SD_MODEL)\n"
+	       "      --config DIR   diffusers folder whose vae/config.json describes a single-file model\n"
+	       "      --device DEV   cpu, cuda or auto (default $SD_DEVICE, else auto)\n"
+	       "      --tile N       decode in overlapping tiles of NxN image pixels (a multiple of 8);\n"
+	       "                     0 never tiles (default: tiles of %d above %dx%d pixels)\n"
+	       "  -v, --verbose      report each frame and its time on standard error\n"
+	       "  -h, --help         display this help and exit\n"
+	       "      --version      output version information and exit\n"
+	       "\n"
+	       "Example: pnmtotensor in.ppm | sd-vae-encode -m sd15 | %s -m sd15 | tensortopnm > out.ppm\n",
+	       sd_prog, SD_VAE_AUTO_TILE, 1024, 1024, sd_prog);
+	exit(0);
+}
+
+static void bad_option(int c, char **argv)
+{
+	const char *arg = argv[optind - 1];
+	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
+	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
+	sd_usage_error("unrecognized option '%s'", arg);
+}
+
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+/* The frame's "latent" as f32 (*conv set when converted: free it). */
+static const sd_tensor *frame_latent(const sd_value *frame, const char *name, long idx, sd_tensor **conv)
+{
+	*conv = NULL;
+	sd_value *v = sd_map_get(frame, "latent");
+	if (!v) sd_die("%s: frame %ld: no \"latent\" key", name, idx);
+	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"latent\" is not a tensor", name, idx);
+	const sd_tensor *t = v->u.t;
+	if (t->dtype == SD_DTYPE_F32) return t;
+	if (!sd_dtype_is_float(t->dtype))
+		sd_die("%s: frame %ld: \"latent\" has dtype %s, want a float tensor", name, idx, sd_dtype_name(t->dtype));
+	if (!(*conv = sd_tensor_convert(t, SD_DTYPE_F32))) sd_die_lib("%s: frame %ld: \"latent\"", name, idx);
+	return *conv;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{"model", required_argument, NULL, 'm'},
+		{"config", required_argument, NULL, 'C'},
+		{"device", required_argument, NULL, 'D'},
+		{"tile", required_argument, NULL, 'T'},
+		{"verbose", no_argument, NULL, 'v'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
+		{NULL, 0, NULL, 0},
+	};
+	struct opts o = {0};
+	int c;
+
+	sd_cli_init(argc, argv);
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'm': o.model = optarg; break;
+		case 'C': o.config = optarg; break;
+		case 'D': o.device = optarg; break;
+		case 'T': o.tile = (int)sd_parse_int("--tile", optarg, 0, 1 << 20); if (o.tile == 0) o.tile = -1; break;
+		case 'v': sd_verbose = 1; break;
+		case 'h': usage(); break;
+		case 'V': sd_print_version(); break;
+		default: bad_option(c, argv);
+		}
+	}
+	if (argc - optind > 1) sd_usage_error("too many files (one stream at a time)");
+
+	enum sd_device dev;
+	if (sd_device_parse(o.device, &dev)) sd_usage_error("--device: %s", sd_errmsg());
+	double t0 = now();
+	sd_model *m = sd_model_open(o.model, o.config);
+	if (!m) sd_die("%s", sd_errmsg());
+	if (!sd_model_has(m, SD_VAE)) sd_die("%s: the model has no VAE", sd_model_path(m));
+	sd_weights *w = sd_weights_load(m, SD_VAE, dev);
+	sd_vae *vae = w ? sd_vae_new(w) : NULL;
+	if (!vae) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
+	const sd_vae_config *cfg = sd_vae_get_config(vae);
+	int f = sd_vae_factor(vae);
+	sd_info("%s: VAE of %lld parameters on %s, %d blocks, scaling factor %g (%.2f s)", sd_model_path(m),
+	        (long long)sd_weights_params(w), sd_device_name(dev), cfg->nblocks, cfg->scaling_factor, now() - t0);
+	if (o.tile > 0 && o.tile % f) sd_usage_error("--tile: %d is not a multiple of %d", o.tile, f);
+	if (o.tile > 0 && o.tile < 2 * f) sd_usage_error("--tile: %d is below %d", o.tile, 2 * f);
+	sd_vae_tiling tiling = {o.tile, 0};
+
+	const char *path = optind < argc ? argv[optind] : NULL;
+	const char *name = !path || !strcmp(path, "-") ? "stdin" : path;
+	FILE *in = sd_open_in(path);
+	sd_reader *r = sd_reader_new(in, name);
+	if (!r) sd_die_lib("%s", name);
+	sd_value *frame;
+	long nframes = 0;
+	int rc;
+	while ((rc = sd_reader_next(r, &frame)) == 1) {
+		long idx = sd_reader_index(r);
+		sd_tensor *conv;
+		const sd_tensor *lat = frame_latent(frame, name, idx, &conv);
+		char s[96], s2[96];
+		if (lat->ndim != 4) sd_die("%s: frame %ld: \"latent\" has shape %s, want [N,%d,h,w]", name, idx,
+		                           sd_shape_str(lat->ndim, lat->shape, s, sizeof s), cfg->latent_channels);
+		int64_t shape[4] = {lat->shape[0], cfg->out_channels, lat->shape[2] * f, lat->shape[3] * f};
+		sd_tensor *image = sd_tensor_new(SD_DTYPE_F32, 4, shape);
+		if (!image) sd_die_lib("%s: frame %ld", name, idx);
+		double t1 = now();
+		if (sd_vae_decode_image(vae, image, lat, &tiling)) sd_die_lib("%s: frame %ld", name, idx);
+		sd_info("frame %ld: %s -> %s in %.2f s, %.0f MiB of activations", idx,
+		        sd_shape_str(lat->ndim, lat->shape, s, sizeof s), sd_shape_str(4, shape, s2, sizeof s2), now() - t1,
+		        sd_vae_peak_bytes(vae) / 1048576.0);
+		sd_tensor_free(conv);
+		if (sd_map_set_tensor(frame, "image", image)) sd_die_lib("%s: frame %ld", name, idx);
+		sd_write_frame_or_die(frame);
+		sd_value_free(frame);
+		nframes++;
+	}
+	if (rc < 0) sd_die("%s", sd_errmsg());
+	if (nframes == 0) sd_die("%s: no frames on input", name);
+	sd_reader_free(r);
+	sd_vae_free(vae);
+	sd_weights_free(w);
+	sd_model_close(m);
+	sd_info("%ld frame%s", nframes, nframes == 1 ? "" : "s");
+	sd_close_stdout();
+	return 0;
+}
