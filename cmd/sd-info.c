@@ -8,7 +8,9 @@
  * Streams: per frame, each key with its value; tensors as dtype, shape, and min/max/mean computed in
  * double over every element (f16/bf16 converted).  Safetensors: each tensor's name, dtype and shape, the
  * header's __metadata__, and the parameter count.  What an argument is follows its name: a folder, a
- * name ending in .safetensors, else a stream ("-" or no argument: standard input).
+ * name ending in .safetensors, else a stream ("-" or no argument: standard input).  With -m MODEL: the
+ * model's layout, its components with their parameter counts and configs (any layout sd_model_open
+ * reads), and no stream unless FILEs are named too.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -31,6 +33,9 @@ static void usage(void)
 	       "parameter count.  For a folder: the same for every .safetensors file in it (recursively),\n"
 	       "and the names of its config.json files.\n"
 	       "\n"
+	       "  -m, --model PATH  summarise a model (diffusers folder, single-file .safetensors or\n"
+	       "                    .ckpt; default $SD_MODEL): layout, components, parameter counts, configs\n"
+	       "      --config DIR  a diffusers folder whose config.json files describe a single file\n"
 	       "  -v, --verbose  (accepted for symmetry with the other tools)\n"
 	       "  -h, --help     display this help and exit\n"
 	       "      --version  output version information and exit\n"
@@ -394,6 +399,64 @@ static void show_folder(const char *dir)
 	       human((double)tot.params, "", h, sizeof h), human((double)tot.bytes, "B", hb, sizeof hb));
 }
 
+/* ==== -m MODEL: a model summary ==== */
+
+/* One config value per line, "  key: value", from the compact JSON text sd_config_json gives. */
+static void show_config(const char *json)
+{
+	const char *p = json;
+	int depth = 0, instr = 0;
+	printf("    ");
+	for (; *p; p++) {
+		char ch = *p;
+		if (instr) {
+			putchar(ch);
+			if (ch == '\\' && p[1]) putchar(*++p);
+			else if (ch == '"') instr = 0;
+			continue;
+		}
+		if (ch == ' ' || ch == '\n' || ch == '\t' || ch == '\r') continue;
+		if (ch == '"') { instr = 1; putchar(ch); continue; }
+		if (ch == '{' || ch == '[') { if (depth++ == 0 && ch == '{') continue; }
+		if (ch == '}' || ch == ']') { if (--depth == 0 && ch == '}') continue; }
+		if (ch == ',' && depth == 1) { printf("\n    "); continue; }
+		if (ch == ':' && depth == 1) { printf(": "); continue; }
+		putchar(ch);
+	}
+	putchar('\n');
+}
+
+static void show_model(const char *path, const char *config_dir)
+{
+	sd_model *m = sd_model_open(path, config_dir);
+	char num[64];
+	if (!m) sd_die("%s", sd_errmsg());
+	printf("model %s (%s)\n", sd_model_path(m), sd_model_format(m));
+	int64_t total = 0;
+	for (int c = 0; c < SD_COMPONENT_COUNT; c++) {
+		const char *name = sd_component_name((enum sd_component)c);
+		if (!sd_model_has(m, (enum sd_component)c)) {
+			printf("  %-12s  absent\n", name);
+			continue;
+		}
+		sd_weights *w = sd_weights_load(m, (enum sd_component)c, SD_DEVICE_CPU);
+		if (!w) sd_die_lib("%s: %s", sd_model_path(m), name);
+		int64_t n = sd_weights_params(w);
+		total += n;
+		printf("  %-12s  %s parameters in %d tensors\n", name, grouped((uint64_t)n, num, sizeof num),
+		       sd_weights_count(w));
+		show_config(sd_config_json(w));
+		sd_weights_free(w);
+	}
+	printf("  %-12s  %s\n", "tokenizer", sd_model_tokenizer_dir(m) ? sd_model_tokenizer_dir(m)
+	                                                                   : "(the shipped CLIP vocabulary)");
+	const char *sched = sd_model_scheduler_json(m);
+	printf("  %-12s  %s\n", "scheduler", sched ? "" : "(none: the SD 1.5 defaults)");
+	if (sched) show_config(sched);
+	printf("%s parameters\n", grouped((uint64_t)total, num, sizeof num));
+	sd_model_close(m);
+}
+
 /* ==== main ==== */
 
 static void show(const char *path)
@@ -411,19 +474,22 @@ static void show(const char *path)
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
-		/* "-m, --model PATH" (a model summary: components and parameter counts) comes with the model
-		 * loader; it will read the model here and print before any FILE. */
+		{"model", required_argument, NULL, 'm'},
+		{"config", required_argument, NULL, 'C'},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
 		{NULL, 0, NULL, 0},
 	};
 	int c;
+	const char *model = NULL, *config = NULL;
 
 	sd_cli_init(argc, argv);
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":vh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {
 		switch (c) {
+		case 'm': model = optarg; break;
+		case 'C': config = optarg; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
@@ -431,7 +497,13 @@ int main(int argc, char **argv)
 		}
 	}
 
-	if (optind == argc) show(NULL);
+	if (model) {
+		show_model(model, config);
+		if (optind < argc) printf("\n");
+	} else if (config) {
+		sd_usage_error("--config needs -m MODEL");
+	}
+	if (optind == argc && !model) show(NULL);
 	for (int i = optind; i < argc; i++) {
 		if (argc - optind > 1) printf("%s==> %s <==\n", i > optind ? "\n" : "", argv[i]);
 		show(argv[i]);
