@@ -1,0 +1,18 @@
+#!/bin/sh
+# tests/bench/run.sh - what `make bench` runs: each benchmark prints a table (seconds, GFLOP/s, peak
+# RSS) for full-size SD 1.5 shapes with random weights.  Timings are measured, never asserted.
+# BENCH_SIZES="256 512" picks the image sizes (default both).
+B=${B:-build}
+sizes=${BENCH_SIZES:-"256 512"}
+echo "sdpipe benchmarks on $(nproc) cores, SD_THREADS=${SD_THREADS:-all}, $(date -u +%Y-%m-%d)"
+OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; export OMP_WAIT_POLICY
+rc=0
+for b in unet vae; do
+	[ -x "$B/bench/$b" ] || continue
+	echo
+	echo "== $b"
+	for s in $sizes; do
+		"$B/bench/$b" "$s" || rc=1
+	done
+done
+exit $rc
