@@ -29,10 +29,15 @@ struct sd_backend {
 	            const float *A, int64_t lda, int64_t strideA,
 	            const float *B, int64_t ldb, int64_t strideB,
 	            float beta, float *C, int64_t ldc, int64_t strideC, int64_t batch);
-	/* out (N,O,Ho,Wo) = conv(x (N,C,H,W), w (O,C,kh,kw)) + b (O, may be NULL), zero padding */
-	int (*conv2d)(float *out, const float *x, const float *w, const float *b, int64_t N, int64_t C,
-	              int64_t H, int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl,
+	/* out (N,O,Ho,Wo) = conv(x (N,C,H,W), w (O,C,kh,kw)) + b (O, may be NULL), zero padding;
+	 * wp, when not NULL, is w as conv_pack made it (the backend's own layout, cached with the weight) */
+	int (*conv2d)(float *out, const float *x, const float *w, const void *wp, const float *b, int64_t N,
+	              int64_t C, int64_t H, int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl,
 	              int64_t Ho, int64_t Wo);
+	/* w (O,C,kh,kw) in the layout conv2d prefers for a stride-1 convolution, or NULL (none or no
+	 * memory: conv2d then works from w); freed with conv_pack_free */
+	void *(*conv_pack)(const float *w, int64_t O, int64_t C, int kh, int kw);
+	void (*conv_pack_free)(void *wp);
 	/* x (N, C, S) normalised per (n, group) of C/groups channels, then ·gamma + beta, then SiLU if silu */
 	int (*group_norm)(float *out, const float *x, const float *gamma, const float *beta, int64_t N,
 	                  int64_t C, int64_t S, int groups, float eps, int silu);

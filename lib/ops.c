@@ -269,6 +269,17 @@ int sd_linear(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
 	return b ? be->add(out->data, out->data, b->data, 1.0f, 1.0f, rows * O, O, 1) : 0;
 }
 
+/* $SD_CONV_CACHE=0 turns off keeping packed convolution weights (which doubles their memory). */
+static int conv_cache_on(void)
+{
+	static int on = -1;
+	if (on < 0) {
+		const char *s = getenv("SD_CONV_CACHE");
+		on = !(s && !strcmp(s, "0"));
+	}
+	return on;
+}
+
 int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b, int stride, int pt,
               int pb, int pl, int pr)
 {
@@ -288,7 +299,15 @@ int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
 	if (need_shape(op, out, 4, shape)) return -1;
 	SLOT(be, op, conv2d);
 	if (sd_tensor_numel(out) == 0) return 0;
-	return be->conv2d(out->data, x->data, w->data, b ? b->data : NULL, x->shape[0], x->shape[1], H, W, w->shape[0],
+	/* a weight the model owns is packed once for the backend and the packing kept with it */
+	const void *wp = NULL;
+	if (stride == 1 && kh * kw > 1 && be->conv_pack && w->owns && conv_cache_on()) {
+		sd_tensor *wm = (sd_tensor *)w; /* the cache is derived data, not a change of w */
+		if (!wm->aux && (wm->aux = be->conv_pack(w->data, w->shape[0], w->shape[1], (int)kh, (int)kw)))
+			wm->aux_free = be->conv_pack_free;
+		if (wm->aux_free == be->conv_pack_free) wp = wm->aux;
+	}
+	return be->conv2d(out->data, x->data, w->data, wp, b ? b->data : NULL, x->shape[0], x->shape[1], H, W, w->shape[0],
 	                  (int)kh, (int)kw, stride, pt, pl, Ho, Wo);
 }
 

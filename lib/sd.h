@@ -63,6 +63,10 @@ typedef struct sd_tensor {
 	void *data;            /* host memory for CPU, device memory for CUDA */
 	enum sd_device device;
 	int owns;              /* 1: data is freed with the tensor; 0: a view (mmap, arena, caller memory) */
+	/* A backend's cache derived from the data (a convolution's repacked weight), freed with the tensor
+	 * by aux_free; only on owned tensors whose data does not change afterwards (model weights). */
+	void *aux;
+	void (*aux_free)(void *aux);
 } sd_tensor;
 
 /* Product of a shape with overflow checking: 0 and *numel set, or -1 when it overflows int64 or a
@@ -524,9 +528,11 @@ typedef struct sd_vae_config {
 	int quant_conv, post_quant_conv, mid_attention; /* 1 when the module is there */
 } sd_vae_config;
 
-/* The weights of one conv (w (O, C, kh, kw), b (O) or NULL) or linear (w (O, I), b (O)). */
+/* The weights of one conv (w (O, C, kh, kw), b (O) or NULL) or linear (w (O, I), b (O)); lora: an
+ * adapter on an attention linear (see sd_lora_layer), NULL when none. */
 typedef struct sd_vae_conv {
 	const sd_tensor *w, *b;
+	const struct sd_lora_layer *lora;
 } sd_vae_conv;
 
 /* ResnetBlock2D without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus x or
@@ -573,6 +579,7 @@ typedef struct sd_vae_attn_act {
 	sd_tensor *o;     // (N,L,C)   softmax(q·kᵀ/√C)·v
 	sd_tensor *probs; // (N,1,L,L) the attention weights, or NULL (not kept)
 	sd_tensor *p;     // (N,L,C)   to_out(o)
+	sd_tensor *lora;  // (N,L,r)   scratch for LoRA adapters, NULL when none is set
 } sd_vae_attn_act;
 
 /* out (N,C,H,W) = x + attention(x).  out must not alias x, n, nl, o or p. */
@@ -692,9 +699,10 @@ typedef struct sd_clip_config {
 	enum sd_act act;  /* hidden_act: quick_gelu, gelu (erf), gelu_new / gelu_pytorch_tanh (tanh) */
 } sd_clip_config;
 
-/* A linear layer: w (O, I), b (O).  (A LoRA adapter on q_proj / v_proj will hang off this struct.) */
+/* A linear layer: w (O, I), b (O); lora: an adapter (see sd_lora_layer), NULL when none. */
 typedef struct sd_clip_linear {
 	const sd_tensor *w, *b;
+	const struct sd_lora_layer *lora;
 } sd_clip_linear;
 
 /* The weights of one CLIPEncoderLayer (borrowed from the sd_weights). */
@@ -722,6 +730,7 @@ typedef struct sd_clip_layer_act {
 	sd_tensor *h;     // (N,L,F) fc1(ln2)
 	sd_tensor *a;     // (N,L,F) act(h)
 	sd_tensor *tmp;   // (N,L,D) scratch for the out_proj and fc2 outputs (not needed by a backward)
+	sd_tensor *lora;  // (N,L,r) scratch for LoRA adapters (x·Aᵀ of the last one), NULL when none is set
 } sd_clip_layer_act;
 
 /* out (N,L,D) = layer(x (N,L,D)): x += out_proj(attn(ln1(x))), then x += fc2(act(fc1(ln2(x)))).
@@ -1097,5 +1106,119 @@ int sd_sched_step(sd_sched *s, sd_tensor *x, const sd_tensor *model_output, int 
  */
 int sd_sched_save(const sd_sched *s, sd_value *map);
 int sd_sched_load(sd_sched *s, const sd_value *map);
+
+/* ==== LoRA adapters and merging (lib/models/lora.c, lib/models/merge.c) ==== */
+
+/*
+ * A LoRA adapter on one linear layer, as PEFT defines it (peft/tuners/lora/layer.py):
+ *   y = x·Wᵀ + b + scale · dropout(x)·Aᵀ·Bᵀ,   scale = user scale · alpha / r (alpha / √r with rsLoRA)
+ * A = lora_A / lora_down (r, I), B = lora_B / lora_up (O, r), f32 on the layer's device.  Dropout acts
+ * on the adapter's input only and only in training (a trainer's forward); inference ignores it.  Several
+ * adapters on one layer add up: a loader hands the model one sd_lora_layer whose A and B are the
+ * adapters stacked along r (each A row block pre-multiplied by its own scale, scale = 1).  The model's
+ * linear holds a pointer to it (sd_clip_linear.lora, sd_vae_conv.lora; the UNet's sd_unet_linear has
+ * lora_a/lora_b/lora_scale fields of its own); the owner keeps it alive.
+ */
+typedef struct sd_lora_layer {
+	const sd_tensor *a; // (r, I)
+	const sd_tensor *b; // (O, r)
+	float scale;        // applied to B·(A·x)
+	float dropout;      // lora_dropout p (training only)
+} sd_lora_layer;
+
+/* The rank r of a layer's adapter, 0 for NULL. */
+int sd_lora_rank(const sd_lora_layer *l);
+
+/*
+ * out (…, O) = x (…, I)·wᵀ + b + l->scale · (x·Aᵀ)·Bᵀ; w (O, I), b (O) or NULL, l NULL = a plain linear.
+ * ax (…, r) is the caller's scratch and receives x·Aᵀ (kept for a backward; it may be longer than
+ * needed: a view of its first elements is used).  out must not alias x or ax.  0 or -1 with a message.
+ */
+int sd_lora_linear_forward(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b,
+                           const sd_lora_layer *l, sd_tensor *ax);
+
+/* The linear layers a LoRA loader can set an adapter on, by their diffusers / transformers module name
+ * ("text_model.encoder.layers.0.self_attn.q_proj"; "encoder.mid_block.attentions.0.to_q"), NULL when
+ * there is none: every linear of the text encoder, the VAE's attention projections. */
+sd_clip_linear *sd_clip_find_linear(sd_clip *c, const char *module);
+sd_vae_conv *sd_vae_find_linear(sd_vae *v, const char *module);
+
+/*
+ * A set of adapters, from any number of files or folders, each with its own user scale, for every
+ * component they hold.  Formats (told apart by their keys):
+ *   - PEFT folders (PeftModel.save_pretrained): adapter_config.json (r, lora_alpha, rank_pattern,
+ *     alpha_pattern, use_rslora; other fields ignored) + adapter_model.safetensors with keys
+ *     base_model.model.<module>.lora_A.weight / .lora_B.weight; the component comes from the folder's
+ *     name (unet, text_encoder, vae), else the config's auto_mapping, else the module names.  A folder
+ *     holding unet/, text_encoder/ and/or vae/ loads each of them.
+ *   - kohya / A1111 files: lora_unet_<module with '_'>, lora_te_<module>, .lora_down.weight (A),
+ *     .lora_up.weight (B), .alpha (missing: alpha = r); the module may be the diffusers path or the
+ *     original LDM one (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q), resolved against
+ *     the model's weights when the set is applied.
+ *   - diffusers files (save_lora_weights): unet.<module>.lora_A.weight / text_encoder.<module>…, also
+ *     .lora.down/.lora.up, .lora_linear_layer.down/.up and processor.to_q_lora.down spellings; alpha = r
+ *     unless a <module>.alpha key is present (as diffusers loads them).
+ * A folder holding pytorch_lora_weights.safetensors is read as that file.  .ckpt/.pt/.bin files are read
+ * with the restricted unpickler.  Conv adapters (4-D down (r,C,kh,kw), up (O,r,1,1)) are accepted and
+ * merged into the weights (exact); 1×1 ones on linear layers act as linear adapters.
+ * Any key that is not part of an adapter, an A without its B, or a shape that does not fit is an error
+ * naming the first such key: nothing is silently ignored.
+ */
+typedef struct sd_lora sd_lora;
+
+sd_lora *sd_lora_new(void);
+void sd_lora_free(sd_lora *s);
+/* Read the adapters at path with user scale `scale` into s.  -1 with "<path>: <key>: what" on failure. */
+int sd_lora_add(sd_lora *s, const char *path, float scale);
+/* Split a --lora argument "PATH[:SCALE]": the text after the last ':' is the scale when it is a number
+ * (else the whole argument is the path, scale 1).  *path is malloc'd.  -1 on an empty path. */
+int sd_lora_parse_arg(const char *arg, char **path, float *scale);
+/* sd_lora_add on each "PATH[:SCALE]" argument: a new set, or NULL with a message.  n = 0 gives an
+ * empty set (applying it changes nothing). */
+sd_lora *sd_lora_load(const char *const *args, int n);
+/* Number of adapter layers (A/B pairs) the set holds for component c. */
+int sd_lora_count(const sd_lora *s, enum sd_component c);
+
+/*
+ * Apply the set's adapters for the model's component, unmerged (run-time) where the model has a slot
+ * for the layer — every text-encoder linear; the VAE's and the UNet's attention projections to_q,
+ * to_k, to_v, to_out.0 — and merged into the weights w (which the model borrows and which must be the
+ * same ones it was built on; they are modified in place) elsewhere.  Adapter tensors are copied to the
+ * weights' device and owned by s, which must outlive the model.  An adapter for a layer the model lacks,
+ * or of the wrong shape, is an error naming its key; the model may then hold part of the set.
+ */
+int sd_lora_attach_clip(sd_lora *s, sd_clip *c, sd_weights *w);
+int sd_lora_attach_vae(sd_lora *s, sd_vae *v, sd_weights *w);
+int sd_lora_attach_unet(sd_lora *s, sd_unet *u, sd_weights *w);
+/* Merge the set's adapters for w's component into w: W ← W + scale·B·A (conv adapters reshaped). */
+int sd_lora_merge(sd_lora *s, sd_weights *w);
+
+/* ---- checkpoint arithmetic and writing (lib/models/merge.c, for sd-merge) ---- */
+
+/* dst ← a·dst + b·src for every tensor, names and shapes equal (else an error naming the first tensor
+ * that differs); non-float tensors must be equal.  Same device. */
+int sd_weights_axpby(sd_weights *dst, float a, const sd_weights *src, float b);
+/* A mutable view of w's i-th tensor (w owns it; for merging tools). */
+sd_tensor *sd_weights_at_mut(sd_weights *w, int i);
+
+/*
+ * The original (CompVis/LDM single-file) name of a diffusers-named weight of w's component, the inverse
+ * of the renaming sd_model_open does for single files (e.g. "down_blocks.1.attentions.0.proj_in.weight"
+ * → "model.diffusion_model.input_blocks.4.1.proj_in.weight").  *unsqueeze is set to the number of 1-sized
+ * dimensions the tensor gains (the VAE's attention linears are 1×1 convs there).  1 mapped, 0 when the
+ * weight has no LDM name, -1 on error.
+ */
+int sd_ldm_name(const sd_weights *w, const char *name, char *out, size_t n, int *unsqueeze);
+
+/*
+ * Write components (ws[c], NULL when absent) as a diffusers folder (model_index.json,
+ * <component>/config.json + weights, the tokenizer copied from tokenizer_dir when not NULL, the
+ * scheduler config given as text or SD 1.x's PNDM config), built in "<dir>.tmp-XXXXXX" and renamed into
+ * place (dir must not exist); or as one single-file LDM .safetensors written atomically.  dtype
+ * SD_DTYPE_F32, F16 or BF16 for float tensors.
+ */
+int sd_model_write_diffusers(const char *dir, sd_weights *const ws[SD_COMPONENT_COUNT], enum sd_dtype dtype,
+                             const char *tokenizer_dir, const char *scheduler_json);
+int sd_model_write_single(const char *path, sd_weights *const ws[SD_COMPONENT_COUNT], enum sd_dtype dtype);
 
 #endif

@@ -222,6 +222,7 @@ sd_tensor *sd_tensor_wrap(enum sd_dtype dtype, int ndim, const int64_t *shape, v
 void sd_tensor_free(sd_tensor *t)
 {
 	if (!t) return;
+	if (t->aux && t->aux_free) t->aux_free(t->aux);
 	if (t->owns && t->data) {
 		const struct sd_backend *be = sd_backend_get(t->device);
 		if (be) be->free(t->data);

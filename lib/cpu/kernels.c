@@ -8,6 +8,7 @@
  * uses its own threads.
  */
 #include <cblas.h>
+#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,67 +44,85 @@ static void im2col(float *col, const float *x, int64_t C, int64_t H, int64_t W, 
 		}
 }
 
-/*
- * Stride-1 convolution without im2col: with x zero-padded to (C, Hp, Wp), the output computed on the
- * padded width, out_wide (O, Ho·Wp), is Σ over the kh·kw taps of W_tap (O, C) · x_pad shifted by
- * ky·Wp + kx, each a plain sgemm whose B rows are the channels of x_pad (row stride Hp·Wp + kw).  The
- * kw − 1 … columns of each wide row past Wo are junk and dropped when copying out.  Memory: one padded
- * copy of x and one wide output instead of a kh·kw-times larger column matrix.
- */
-static int conv_shifted(float *out, const float *x, const float *w, const float *b, int64_t C, int64_t H,
-                        int64_t W, int64_t O, int kh, int kw, int pt, int pl, int64_t Ho, int64_t Wo)
+/* (O, C, kh, kw) → (taps, O, C): the per-tap matrices conv_shifted multiplies by. */
+static void pack_taps(float *wt, const float *w, int64_t O, int64_t C, int64_t taps)
 {
-	int64_t Hp = Ho + kh - 1, Wp = Wo + kw - 1, S = Hp * Wp + kw, taps = (int64_t)kh * kw, N = Ho * Wp;
-	float *xp = sd_cpu_scratch(0, (size_t)(C * S) * sizeof(float));
-	float *wt = xp ? sd_cpu_scratch(2, (size_t)(taps * O * C) * sizeof(float)) : NULL;
-	float *ow = wt ? sd_cpu_scratch(3, (size_t)(O * N) * sizeof(float)) : NULL;
-	if (!ow) return -1;
-	#pragma omp parallel for schedule(static) if(PAR(C * S))
-	for (int64_t c = 0; c < C; c++) {
-		float *d = xp + c * S;
-		const float *src = x + c * H * W;
-		memset(d, 0, (size_t)S * sizeof(float));
-		for (int64_t y = 0; y < H; y++) {
-			int64_t py = y + pt;
-			if (py < 0 || py >= Hp) continue;
-			for (int64_t i = 0; i < W; i++) {
-				int64_t px = i + pl;
-				if (px >= 0 && px < Wp) d[py * Wp + px] = src[y * W + i];
-			}
-		}
-	}
-	/* (O, C, kh, kw) → (taps, O, C) */
 	#pragma omp parallel for schedule(static) if(PAR(O * C * taps))
 	for (int64_t o = 0; o < O; o++)
 		for (int64_t c = 0; c < C; c++)
 			for (int64_t t = 0; t < taps; t++) wt[(t * O + o) * C + c] = w[(o * C + c) * taps + t];
+}
+
+static void *cpu_conv_pack(const float *w, int64_t O, int64_t C, int kh, int kw)
+{
+	float *wt = sd_cpu_alloc((size_t)(O * C * kh * kw) * sizeof(float));
+	if (wt) pack_taps(wt, w, O, C, (int64_t)kh * kw);
+	return wt;
+}
+
+/*
+ * Stride-1 convolution without im2col: with x zero-padded to (C, Hp, Wp) per image and the images laid
+ * side by side (channel-major: row c of the padded matrix holds every image's channel c, S floats
+ * each), the output computed on the padded width, out_wide (O, N·S), is Σ over the kh·kw taps of
+ * W_tap (O, C) · x_pad shifted by ky·Wp + kx: one sgemm per tap for the whole batch.  The columns past
+ * Wo in each row, and past Ho rows in each image, are junk and dropped when copying out.  Memory: one
+ * padded copy of x and one wide output instead of a kh·kw-times larger column matrix.  wt is the
+ * weight packed as (taps, O, C) (cached with the weight), or NULL to pack it here.
+ */
+static int conv_shifted(float *out, const float *x, const float *w, const float *wt, const float *b, int64_t N,
+                        int64_t C, int64_t H, int64_t W, int64_t O, int kh, int kw, int pt, int pl, int64_t Ho,
+                        int64_t Wo)
+{
+	int64_t Hp = Ho + kh - 1, Wp = Wo + kw - 1, S = Hp * Wp + kw, taps = (int64_t)kh * kw;
+	int64_t cols = (N - 1) * S + Ho * Wp; /* the last image needs only its Ho output rows */
+	float *xp = sd_cpu_scratch(0, (size_t)(C * N * S) * sizeof(float));
+	float *ow = xp ? sd_cpu_scratch(3, (size_t)(O * N * S) * sizeof(float)) : NULL;
+	if (!ow) return -1;
+	if (!wt) {
+		float *t = sd_cpu_scratch(2, (size_t)(taps * O * C) * sizeof(float));
+		if (!t) return -1;
+		pack_taps(t, w, O, C, taps);
+		wt = t;
+	}
+	#pragma omp parallel for collapse(2) schedule(static) if(PAR(C * N * S))
+	for (int64_t c = 0; c < C; c++)
+		for (int64_t n = 0; n < N; n++) {
+			float *d = xp + (c * N + n) * S;
+			const float *src = x + (n * C + c) * H * W;
+			memset(d, 0, (size_t)S * sizeof(float));
+			for (int64_t y = 0; y < H; y++) {
+				int64_t py = y + pt;
+				if (py < 0 || py >= Hp) continue;
+				for (int64_t i = 0; i < W; i++) {
+					int64_t px = i + pl;
+					if (px >= 0 && px < Wp) d[py * Wp + px] = src[y * W + i];
+				}
+			}
+		}
 	for (int64_t t = 0; t < taps; t++) {
 		int64_t ky = t / kw, kx = t % kw;
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)O, (int)N, (int)C, 1.0f, wt + t * O * C,
-		            (int)C, xp + ky * Wp + kx, (int)S, t ? 1.0f : 0.0f, ow, (int)N);
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)O, (int)cols, (int)C, 1.0f, wt + t * O * C,
+		            (int)C, xp + ky * Wp + kx, (int)(N * S), t ? 1.0f : 0.0f, ow, (int)(N * S));
 	}
-	#pragma omp parallel for collapse(2) schedule(static) if(PAR(O * Ho * Wo))
-	for (int64_t o = 0; o < O; o++)
-		for (int64_t y = 0; y < Ho; y++) {
-			float bo = b ? b[o] : 0.0f;
-			const float *src = ow + o * N + y * Wp;
-			float *d = out + (o * Ho + y) * Wo;
-			for (int64_t i = 0; i < Wo; i++) d[i] = src[i] + bo;
-		}
+	#pragma omp parallel for collapse(3) schedule(static) if(PAR(N * O * Ho * Wo))
+	for (int64_t n = 0; n < N; n++)
+		for (int64_t o = 0; o < O; o++)
+			for (int64_t y = 0; y < Ho; y++) {
+				float bo = b ? b[o] : 0.0f;
+				const float *src = ow + o * N * S + n * S + y * Wp;
+				float *d = out + ((n * O + o) * Ho + y) * Wo;
+				for (int64_t i = 0; i < Wo; i++) d[i] = src[i] + bo;
+			}
 	return 0;
 }
 
-static int cpu_conv2d(float *out, const float *x, const float *w, const float *b, int64_t N, int64_t C,
-                      int64_t H, int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl,
+static int cpu_conv2d(float *out, const float *x, const float *w, const void *wp, const float *b, int64_t N,
+                      int64_t C, int64_t H, int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl,
                       int64_t Ho, int64_t Wo)
 {
 	int64_t K = C * kh * kw, P = Ho * Wo;
-	if (stride == 1 && kh * kw > 1 && getenv("SD_CONV_IM2COL") == NULL) {
-		for (int64_t n = 0; n < N; n++)
-			if (conv_shifted(out + n * O * P, x + n * C * H * W, w, b, C, H, W, O, kh, kw, pt, pl, Ho, Wo))
-				return -1;
-		return 0;
-	}
+	if (stride == 1 && kh * kw > 1 && getenv("SD_CONV_IM2COL") == NULL)
+		return conv_shifted(out, x, w, wp, b, N, C, H, W, O, kh, kw, pt, pl, Ho, Wo);
 	int direct = kh == 1 && kw == 1 && stride == 1 && pt == 0 && pl == 0 && Ho == H && Wo == W;
 	int64_t tile = (int64_t)(COL_TILE_BYTES / sizeof(float)) / (K ? K : 1);
 	if (tile < 64) tile = 64;
@@ -256,6 +275,11 @@ static int cpu_add(float *out, const float *a, const float *b, float alpha, floa
 			#pragma omp parallel for simd schedule(static) if(PAR(n))
 			for (int64_t i = 0; i < n; i++) out[i] = alpha * a[i] + beta * b[i];
 		}
+	} else if (S == 1 && n % m == 0) {
+		/* b repeats along rows (a bias over the last dimension) */
+		#pragma omp parallel for schedule(static) if(PAR(n))
+		for (int64_t r = 0; r < n / m; r++)
+			for (int64_t j = 0; j < m; j++) out[r * m + j] = alpha * a[r * m + j] + beta * b[j];
 	} else {
 		int64_t blocks = n / S;
 		#pragma omp parallel for schedule(static) if(PAR(n))
@@ -274,6 +298,78 @@ static int cpu_mul(float *out, const float *a, const float *b, int64_t n)
 	return 0;
 }
 
+/*
+ * exp of 8 floats (AVX2 + FMA): 2^n · p(r) with n = round(x·log2 e), r = x − n·ln 2 in two parts
+ * (Cody–Waite), p a degree-6 polynomial on [−ln2/2, ln2/2].  Within 2 ulp of expf over the range a
+ * softmax sees (x ≤ 0); below −87.3 the result flushes to 0 as expf underflows there.
+ */
+static inline __m256 exp8(__m256 x)
+{
+	const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
+	x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+	__m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+	                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	__m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+	__m256 p = _mm256_set1_ps(1.9875691500e-4f);
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+	p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+	__m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+	return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline float hmax8(__m256 v)
+{
+	__m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+	m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+	return _mm_cvtss_f32(m);
+}
+
+static inline float hsum8(__m256 v)
+{
+	__m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+	m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+	m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
+	return _mm_cvtss_f32(m);
+}
+
+/* One row: x ← softmax(x·scale) over n entries, vectorised (the attention's hottest non-GEMM loop:
+ * 1.3 G exps per 512² UNet step). */
+static void softmax_row(float *x, int64_t n, float scale)
+{
+	__m256 vs = _mm256_set1_ps(scale), vm = _mm256_set1_ps(-INFINITY);
+	int64_t j = 0;
+	for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
+	float mx = hmax8(vm);
+	for (; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+	/* max of x·scale = scale·max x for scale > 0; compute it directly otherwise */
+	if (!(scale > 0)) {
+		mx = -INFINITY;
+		for (int64_t k = 0; k < n; k++) mx = x[k] * scale > mx ? x[k] * scale : mx;
+	} else {
+		mx *= scale;
+	}
+	__m256 vmx = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+	for (j = 0; j + 8 <= n; j += 8) {
+		__m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), vs, vmx));
+		_mm256_storeu_ps(x + j, e);
+		vsum = _mm256_add_ps(vsum, e);
+	}
+	float sum = hsum8(vsum);
+	for (; j < n; j++) {
+		x[j] = expf(x[j] * scale - mx);
+		sum += x[j];
+	}
+	__m256 vinv = _mm256_set1_ps(1.0f / sum);
+	for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), vinv));
+	for (float inv = 1.0f / sum; j < n; j++) x[j] *= inv;
+}
+
 static int cpu_softmax(float *x, int64_t rows, int64_t cols, int64_t ld, float scale, int64_t causal)
 {
 	#pragma omp parallel for schedule(static) if(PAR(rows * cols))
@@ -281,18 +377,7 @@ static int cpu_softmax(float *x, int64_t rows, int64_t cols, int64_t ld, float s
 		float *xr = x + r * ld;
 		int64_t lim = causal >= 0 ? r + causal + 1 : cols;
 		if (lim > cols) lim = cols;
-		float mx = -INFINITY;
-		for (int64_t j = 0; j < lim; j++) {
-			xr[j] *= scale;
-			if (xr[j] > mx) mx = xr[j];
-		}
-		float sum = 0;
-		for (int64_t j = 0; j < lim; j++) {
-			xr[j] = expf(xr[j] - mx);
-			sum += xr[j];
-		}
-		float inv = 1.0f / sum;
-		for (int64_t j = 0; j < lim; j++) xr[j] *= inv;
+		softmax_row(xr, lim, scale);
 		for (int64_t j = lim; j < cols; j++) xr[j] = 0.0f;
 	}
 	return 0;
@@ -348,6 +433,8 @@ const struct sd_backend sd_cpu_backend = {
 	.sync = sd_cpu_sync,
 	.gemm = sd_cpu_gemm,
 	.conv2d = cpu_conv2d,
+	.conv_pack = cpu_conv_pack,
+	.conv_pack_free = sd_cpu_free,
 	.group_norm = cpu_group_norm,
 	.layer_norm = cpu_layer_norm,
 	.act = cpu_act,
