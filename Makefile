@@ -25,12 +25,12 @@ ifeq ($(VALGRIND),1)
   B := build-vg
   BIN := bin-vg
   SANFLAGS :=
-  OPT := -O1 -g
+  OPT := -O1 -g -march=x86-64-v3
 else ifeq ($(SANITIZE),1)
   B := build-san
   BIN := bin-san
   SANFLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-  OPT := -O1 -g
+  OPT := -O1 -g -march=x86-64-v3
 else
   B := build
   BIN := bin

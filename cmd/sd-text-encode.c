@@ -18,8 +18,8 @@
 struct opts {
 	const char *model, *config, *device;
 	int clip_skip; /* 0 = not given (the last layer) */
-	/* --lora PATH[:SCALE] (repeatable) comes with the LoRA issue: adapters on q_proj/v_proj, applied
-	 * through sd_clip_linear once lib/models/lora.c exists. */
+	const char **lora; /* --lora PATH[:SCALE], repeatable: adapters applied unmerged (lib/models/lora.c) */
+	int nlora;
 };
 
 static void usage(void)
@@ -34,6 +34,8 @@ static void usage(void)
 	       "                       single-file model (default: $SD_MODEL_CONFIG)\n"
 	       "      --clip-skip N    use the output of the layer N-1 before the last, then the final\n"
 	       "                       layer norm (A1111's CLIP skip; 1 = the last layer, the default)\n"
+	       "      --lora PATH[:SCALE]  apply a LoRA adapter's text-encoder part (PEFT folder, kohya or\n"
+	       "                       diffusers file) with weight SCALE (default 1); repeatable\n"
 	       "      --device DEV     cpu, cuda or auto (default: $SD_DEVICE, else auto)\n"
 	       "  -v, --verbose        report model loading and each frame on standard error\n"
 	       "  -h, --help           display this help and exit\n"
@@ -69,12 +71,13 @@ static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char
 
 int main(int argc, char **argv)
 {
-	enum { OPT_CONFIG = 256, OPT_CLIP_SKIP, OPT_DEVICE, OPT_VERSION };
+	enum { OPT_CONFIG = 256, OPT_CLIP_SKIP, OPT_DEVICE, OPT_VERSION, OPT_LORA };
 	static const struct option longopts[] = {
 		{"model", required_argument, NULL, 'm'},
 		{"config", required_argument, NULL, OPT_CONFIG},
 		{"clip-skip", required_argument, NULL, OPT_CLIP_SKIP},
 		{"device", required_argument, NULL, OPT_DEVICE},
+		{"lora", required_argument, NULL, OPT_LORA},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, OPT_VERSION},
@@ -84,6 +87,7 @@ int main(int argc, char **argv)
 	int c;
 
 	sd_cli_init(argc, argv);
+	if (!(o.lora = calloc(argc, sizeof *o.lora))) sd_die("out of memory");
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {
 		switch (c) {
@@ -91,6 +95,7 @@ int main(int argc, char **argv)
 		case OPT_CONFIG: o.config = optarg; break;
 		case OPT_CLIP_SKIP: o.clip_skip = (int)sd_parse_int("--clip-skip", optarg, 1, 1000); break;
 		case OPT_DEVICE: o.device = optarg; break;
+		case OPT_LORA: o.lora[o.nlora++] = optarg; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case OPT_VERSION: sd_print_version(); break;
@@ -115,12 +120,16 @@ int main(int argc, char **argv)
 	if (!w) sd_die("%s", sd_errmsg());
 	sd_clip *clip = sd_clip_new(w);
 	if (!clip) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
+	sd_lora *lora = sd_lora_load(o.lora, o.nlora);
+	if (!lora || sd_lora_attach_clip(lora, clip, w) < 0) sd_die("--lora: %s", sd_errmsg());
+	if (o.nlora && !sd_lora_count(lora, SD_TEXT_ENCODER)) sd_info("--lora: no text-encoder adapter in the files given");
 	const sd_clip_config *cfg = sd_clip_get_config(clip);
 	if (o.clip_skip > cfg->layers)
 		sd_usage_error("--clip-skip: %d is more than the text encoder's %d layers", o.clip_skip, cfg->layers);
-	sd_info("%s (%s): text encoder, %d layers, width %d, %d heads, %lld parameters, on %s, %.2f s",
-	        sd_model_path(m), sd_model_format(m), cfg->layers, cfg->hidden, cfg->heads,
-	        (long long)sd_weights_params(w), sd_device_name(dev), sd_now() - t0);
+	sd_info("%s (%s): text encoder, %d layers, width %d, %d heads, %lld parameters, %d LoRA layers, on %s, "
+	        "%.2f s", sd_model_path(m), sd_model_format(m), cfg->layers, cfg->hidden, cfg->heads,
+	        (long long)sd_weights_params(w), sd_lora_count(lora, SD_TEXT_ENCODER), sd_device_name(dev),
+	        sd_now() - t0);
 
 	sd_reader *r = sd_reader_new(stdin, "stdin");
 	if (!r) sd_die_lib("stdin");
@@ -143,6 +152,7 @@ int main(int argc, char **argv)
 	if (nframes == 0) sd_die("stdin: no frames on input");
 	sd_reader_free(r);
 	sd_clip_free(clip);
+	sd_lora_free(lora);
 	sd_weights_free(w);
 	sd_model_close(m);
 	sd_close_stdout();

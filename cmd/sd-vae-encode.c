@@ -21,6 +21,8 @@ struct opts {
 	int has_seed;
 	uint64_t seed;
 	int tile; /* sd_vae_tiling.tile: 0 auto, -1 never */
+	const char **lora; /* --lora PATH[:SCALE], repeatable: adapters applied unmerged (lib/models/lora.c) */
+	int nlora;
 };
 
 static void usage(void)
@@ -33,6 +35,8 @@ static void usage(void)
 	       "  -m, --model PATH   diffusers folder, single-file .safetensors or .ckpt (default $SD_MODEL)\n"
 	       "      --config DIR   diffusers folder whose vae/config.json describes a single-file model\n"
 	       "      --device DEV   cpu, cuda or auto (default $SD_DEVICE, else auto)\n"
+	       "      --lora PATH[:SCALE]  apply a LoRA adapter's VAE part (a PEFT folder: vae/ or its\n"
+	       "                     parent) with weight SCALE (default 1); repeatable\n"
 	       "      --sample       take a sample of the posterior, not its mean\n"
 	       "      --seed S       seed torch's generator for --sample (default: continue the frame's\n"
 	       "                     \"generator\")\n"
@@ -86,6 +90,7 @@ int main(int argc, char **argv)
 		{"sample", no_argument, NULL, 'S'},
 		{"seed", required_argument, NULL, 's'},
 		{"tile", required_argument, NULL, 'T'},
+		{"lora", required_argument, NULL, 'L'},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -95,6 +100,7 @@ int main(int argc, char **argv)
 	int c;
 
 	sd_cli_init(argc, argv);
+	if (!(o.lora = calloc(argc, sizeof *o.lora))) sd_die("out of memory");
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {
 		switch (c) {
@@ -104,6 +110,7 @@ int main(int argc, char **argv)
 		case 'S': o.sample = 1; break;
 		case 's': o.seed = (uint64_t)sd_parse_int("--seed", optarg, 0, INT64_MAX); o.has_seed = 1; break;
 		case 'T': o.tile = (int)sd_parse_int("--tile", optarg, 0, 1 << 20); if (o.tile == 0) o.tile = -1; break;
+		case 'L': o.lora[o.nlora++] = optarg; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
@@ -122,6 +129,9 @@ int main(int argc, char **argv)
 	sd_weights *w = sd_weights_load(m, SD_VAE, dev);
 	sd_vae *vae = w ? sd_vae_new(w) : NULL;
 	if (!vae) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
+	sd_lora *lora = sd_lora_load(o.lora, o.nlora);
+	if (!lora || sd_lora_attach_vae(lora, vae, w) < 0) sd_die("--lora: %s", sd_errmsg());
+	if (o.nlora && !sd_lora_count(lora, SD_VAE)) sd_info("--lora: no VAE adapter in the files given");
 	const sd_vae_config *cfg = sd_vae_get_config(vae);
 	int f = sd_vae_factor(vae);
 	sd_info("%s: VAE of %lld parameters on %s, %d blocks, scaling factor %g (%.2f s)", sd_model_path(m),
@@ -179,6 +189,7 @@ int main(int argc, char **argv)
 	if (nframes == 0) sd_die("%s: no frames on input", name);
 	sd_reader_free(r);
 	sd_vae_free(vae);
+	sd_lora_free(lora);
 	sd_weights_free(w);
 	sd_model_close(m);
 	sd_info("%ld frame%s", nframes, nframes == 1 ? "" : "s");

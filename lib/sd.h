@@ -1221,4 +1221,209 @@ int sd_model_write_diffusers(const char *dir, sd_weights *const ws[SD_COMPONENT_
                              const char *tokenizer_dir, const char *scheduler_json);
 int sd_model_write_single(const char *path, sd_weights *const ws[SD_COMPONENT_COUNT], enum sd_dtype dtype);
 
+/* ==== generation plans (lib/models/plan.c, for sd-noise and sd-unet-step) ==== */
+
+/* diffusers' SD 1.x scheduler_config.json text (what sd_sched_new uses for NULL; no timestep_spacing). */
+const char *sd_sched_sd15_config(void);
+/* 0 when spacing is "leading", "trailing" or "linspace", else -1 with a message. */
+int sd_spacing_check(const char *spacing);
+/* A malloc'd copy of the scheduler config text json (NULL = sd_sched_sd15_config()) with
+ * timestep_spacing set to spacing (NULL = unchanged), as Scheduler.from_config(config,
+ * timestep_spacing=…) reads it.  NULL with a message on a bad spacing or text that is no JSON object. */
+char *sd_sched_config_spacing(const char *json, const char *spacing);
+
+/* ==== backward ops, loss, optimizers (lib/train/) ==== */
+
+/*
+ * The backward of each op of "backends and ops" on the training path (llm.c style: gradients first,
+ * then the forward's inputs, then sizes and flags), validated once and dispatched to the backend like
+ * the forwards.  Shapes are those of the forward: dx has x's shape, dy out's.
+ *
+ * Contract: every input gradient (dx, da, db of an add, dq/dk/dv, …) is written with `acc`: 0 overwrites
+ * (its old contents are never read and may be NaN: arena memory), 1 adds (+=), for a tensor that several
+ * paths feed (a residual stream, a context used by every cross-attention).  Parameter gradients
+ * (dw, db of a linear, dA/dB of LoRA, dgamma/dbeta) always accumulate (+=), as torch's .grad does; the
+ * trainer zeroes them once per optimizer step (sd_grad_zero).  An optional gradient passed as NULL is
+ * not computed.  Frozen base weights need no gradient: pass NULL.
+ */
+
+/* linear: dx (…, I) (acc) dy (…, O) · w (O, I);  dw (O, I) += dyᵀ·x;  db (O) += Σ rows dy.
+ * x only when dw is wanted (else may be NULL). */
+int sd_linear_backward(sd_tensor *dx, sd_tensor *dw, sd_tensor *db, const sd_tensor *dy, const sd_tensor *x,
+                       const sd_tensor *w, int acc);
+
+/* conv2d (sd_conv2d's stride and pads): dx (N, C, H, W) (acc) the input gradient given dy (N, O, Ho, Wo)
+ * and w (O, C, kh, kw).  No weight gradient (frozen convolutions). */
+int sd_conv2d_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *w, int stride, int pad_top,
+                       int pad_bottom, int pad_left, int pad_right, int acc);
+
+/* GroupNorm (with silu: through the fused SiLU), statistics recomputed from x: dx (acc);
+ * dgamma, dbeta (C) += (NULL to skip). */
+int sd_group_norm_backward(sd_tensor *dx, sd_tensor *dgamma, sd_tensor *dbeta, const sd_tensor *dy,
+                           const sd_tensor *x, int groups, const sd_tensor *gamma, const sd_tensor *beta, float eps,
+                           int silu, int acc);
+/* LayerNorm over the last dimension: dx (acc); dgamma, dbeta (D) += (NULL to skip). */
+int sd_layer_norm_backward(sd_tensor *dx, sd_tensor *dgamma, sd_tensor *dbeta, const sd_tensor *dy,
+                           const sd_tensor *x, const sd_tensor *gamma, float eps, int acc);
+
+/* out = act(x): dx (acc) dy ⊙ act'(x). */
+int sd_act_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *x, enum sd_act act, int acc);
+/* GEGLU, x (…, 2F) = [a | g]: dx (…, 2F) (acc) [dy·gelu(g) | dy·a·gelu'(g)], dy (…, F). */
+int sd_geglu_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *x, int acc);
+/* Softmax over the last dimension, given its output y: dx (acc) y ⊙ (dy − Σ_row dy⊙y).  dx may be dy
+ * when acc = 0. */
+int sd_softmax_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *y, int acc);
+/* out = alpha·a + beta·b (sd_add's broadcasts): da (acc) alpha·dout; db (acc) beta·dout summed over the
+ * dimensions b was broadcast over.  Either may be NULL. */
+int sd_add_backward(sd_tensor *da, sd_tensor *db, const sd_tensor *dout, float alpha, float beta, int acc);
+/* out = a ⊙ b: da (acc) dout ⊙ b, db (acc) dout ⊙ a (either NULL); dropout's backward is this with
+ * b = its mask. */
+int sd_mul_backward(sd_tensor *da, sd_tensor *db, const sd_tensor *dout, const sd_tensor *a, const sd_tensor *b,
+                    int acc);
+
+/*
+ * Attention (sd_attention's layout, scale and causal mask): dq (N, Lq, H·d), dk (N, Lk, H·d),
+ * dv (N, Lk, H·dv) (acc; any may be NULL) from dout (N, Lq, H·dv).  probs (N, H, Lq, Lk) are the
+ * forward's attention weights; NULL recomputes them block by block from q and k (memory O(block·Lk)
+ * instead of O(Lq·Lk) per head).  dS = scale · P ⊙ (dP − Σ_row dP⊙P) with dP = dout·vᵀ, then
+ * dq = dS·k, dk = dSᵀ·q, dv = Pᵀ·dout per head, all GEMMs.
+ */
+int sd_attention_backward(sd_tensor *dq, sd_tensor *dk, sd_tensor *dv, const sd_tensor *dout, const sd_tensor *q,
+                          const sd_tensor *k, const sd_tensor *v, const sd_tensor *probs, int heads, float scale,
+                          int causal, int acc);
+
+/* Layout moves: dx (acc) the gradient mapped back.  nchw_to_nlc: dx (N, C, H, W), dy (N, H·W, C);
+ * nlc_to_nchw: dx (N, L, C), dy (N, C, H, W); upsample2x: dx (N, C, H, W) = each 2×2 block of
+ * dy (N, C, 2H, 2W) summed; concat1: da (N, Ca, *), db (N, Cb, *) (either NULL) split from dout. */
+int sd_nchw_to_nlc_backward(sd_tensor *dx, const sd_tensor *dy, int acc);
+int sd_nlc_to_nchw_backward(sd_tensor *dx, const sd_tensor *dy, int acc);
+int sd_upsample2x_backward(sd_tensor *dx, const sd_tensor *dy, int acc);
+int sd_concat1_backward(sd_tensor *da, sd_tensor *db, const sd_tensor *dout, int acc);
+
+/* The VAE posterior sample z = mean + exp(½·clamp(logvar, −30, 20))·eps (diffusers'
+ * DiagonalGaussianDistribution.sample with the noise given), moments (N, 2C, H, W) = [mean | logvar]:
+ * dmoments (acc) from dz (N, C, H, W); no gradient flows where logvar was clamped. */
+int sd_gaussian_sample_backward(sd_tensor *dmoments, const sd_tensor *dz, const sd_tensor *moments,
+                                const sd_tensor *eps, int acc);
+
+/* ---- LoRA layer in training (PEFT's forward with dropout, and its backward) ---- */
+
+/*
+ * Dropout masks from a counter-based generator: mask[i] = 1/(1−p) (kept) or 0, each element an
+ * independent draw from (seed, stream, i), so a mask is reproducible from its numbers alone (any order,
+ * any device, after a resume).  A trainer uses one stream per (step, layer, use).  p in [0, 1); p = 0
+ * keeps everything.  Applying it is sd_mul(out, x, mask) (torch's x · (bernoulli(1−p) / (1−p))).
+ */
+int sd_dropout_mask(sd_tensor *mask, float p, uint64_t seed, uint64_t stream);
+/* A stream number for sd_dropout_mask from (step, layer index, use): distinct for distinct triples. */
+uint64_t sd_dropout_stream(uint64_t step, uint32_t layer, uint32_t use);
+
+/*
+ * The training forward of a LoRA linear, as PEFT computes it:
+ *   out (…, O) = x·wᵀ + b + l->scale · ((x ⊙ mask)·Aᵀ)·Bᵀ,   ax (…, r) = (x ⊙ mask)·Aᵀ (kept for the
+ * backward; may be longer than needed, as in sd_lora_linear_forward).  mask (…, I) from sd_dropout_mask
+ * or NULL (no dropout: p = 0, or evaluation).  l NULL: a plain linear.  out must not alias x or ax.
+ */
+int sd_lora_linear_forward_train(sd_tensor *out, sd_tensor *ax, const sd_tensor *x, const sd_tensor *w,
+                                 const sd_tensor *b, const sd_lora_layer *l, const sd_tensor *mask);
+/*
+ * Its backward, with g = dy·B (…, r) and s = l->scale:
+ *   dx (…, I) (acc) dy·w + s·(g·A) ⊙ mask      (NULL: not needed)
+ *   dA (r, I) += s · gᵀ · (x ⊙ mask)             (NULL: skip)
+ *   dB (O, r) += s · dyᵀ · ax                    (NULL: skip)
+ * x, ax and mask as the forward had them.  l NULL or rank 0: only dx (a frozen linear).
+ */
+int sd_lora_linear_backward(sd_tensor *dx, sd_tensor *da, sd_tensor *db, const sd_tensor *dy, const sd_tensor *x,
+                            const sd_tensor *w, const sd_lora_layer *l, const sd_tensor *ax, const sd_tensor *mask,
+                            int acc);
+
+/* ---- loss (lib/train/loss.c) ---- */
+
+/*
+ * MSE as F.mse_loss(pred.float(), target.float(), reduction='mean') (weights NULL), or diffusers'
+ * min-SNR form: mean over samples of weights[n] · mean over sample n's elements (weights: N host
+ * floats, pred (N, …)).  *loss (host, may be NULL) in double; dpred (pred's shape, NULL to skip) is
+ * overwritten with gscale · d loss / d pred = gscale · 2·w[n]·(pred − target)/numel (gscale 1, or
+ * 1/accumulation steps).  On pred's device.
+ */
+int sd_mse_loss(double *loss, sd_tensor *dpred, const sd_tensor *pred, const sd_tensor *target,
+                const float *weights, float gscale);
+
+/*
+ * Per-sample noising for training with integer timesteps t[n] in [0, nt): with a = √ᾱ_t and
+ * s = √(1 − ᾱ_t) in float as DDPMScheduler computes them (alphas_cumprod from sd_sched_alphas_cumprod):
+ *   sd_train_add_noise: noisy = a·x0 + s·noise   (DDPMScheduler.add_noise)
+ *   sd_v_target:        v     = a·noise − s·x0   (get_velocity, the v-prediction target)
+ * All (N, …) on one device; out may alias x0 or noise.
+ */
+int sd_train_add_noise(sd_tensor *noisy, const sd_tensor *x0, const sd_tensor *noise, const float *alphas_cumprod,
+                       int nt, const int64_t *t);
+int sd_v_target(sd_tensor *v, const sd_tensor *x0, const sd_tensor *noise, const float *alphas_cumprod, int nt,
+                const int64_t *t);
+/* Min-SNR-γ loss weights (diffusers' compute_snr, float): snr = (√ᾱ/√(1−ᾱ))², w[n] = min(snr, γ)/snr for
+ * epsilon prediction, min(snr, γ)/(snr + 1) for v-prediction.  -1 on a timestep out of range. */
+int sd_min_snr_weights(float *w, const float *alphas_cumprod, int nt, const int64_t *t, int n, float gamma,
+                       int v_prediction);
+
+/* ---- optimizers (lib/train/optim.c) ---- */
+
+enum sd_optim_kind { SD_OPTIM_ADAM = 0, SD_OPTIM_ADAMW, SD_OPTIM_COUNT };
+
+/* torch.optim.Adam / AdamW hyper-parameters (torch's defaults from sd_optim_defaults: lr 1e-3,
+ * betas (0.9, 0.999), eps 1e-8, weight_decay 0 for Adam and 1e-2 for AdamW). */
+typedef struct sd_optim_config {
+	enum sd_optim_kind kind;
+	double lr, beta1, beta2, eps, weight_decay;
+} sd_optim_config;
+
+void sd_optim_defaults(sd_optim_config *c, enum sd_optim_kind kind);
+/* "adam", "adamw"; parse: 0 or -1 with a message. */
+const char *sd_optim_name(enum sd_optim_kind k);
+int sd_optim_parse(const char *name, enum sd_optim_kind *out);
+
+/*
+ * An optimizer over n f32 parameters (borrowed, updated in place, on any device; names used by the
+ * saved state, unique), with torch's state per parameter: step count, exp_avg, exp_avg_sq (zeros on the
+ * parameter's device).  A step is torch's single-tensor path (foreach=False):
+ *   AdamW: p ← p·(1 − lr·wd);  Adam: g ← g + wd·p
+ *   m ← lerp(m, g, 1−β1);  v ← v·β2 + (1−β2)·g·g;  t ← t + 1
+ *   p ← p − (lr/(1−β1ᵗ)) · m / (√v/√(1−β2ᵗ) + eps)
+ * grads[i] NULL: parameter i has no gradient and is skipped (step count unchanged), as torch skips
+ * p.grad None.
+ */
+typedef struct sd_optim sd_optim;
+
+sd_optim *sd_optim_new(const sd_optim_config *c, int n, sd_tensor *const *params, const char *const *names);
+void sd_optim_free(sd_optim *o);
+const sd_optim_config *sd_optim_get_config(const sd_optim *o);
+/* Change the learning rate (a schedule). */
+void sd_optim_set_lr(sd_optim *o, double lr);
+int sd_optim_step(sd_optim *o, const sd_tensor *const *grads);
+/* State of parameter i: its step count, exp_avg, exp_avg_sq (owned by o). */
+int64_t sd_optim_steps(const sd_optim *o, int i);
+const sd_tensor *sd_optim_exp_avg(const sd_optim *o, int i);
+const sd_tensor *sd_optim_exp_avg_sq(const sd_optim *o, int i);
+
+/*
+ * The state for --resume.  A safetensors file: "<name>.exp_avg", "<name>.exp_avg_sq" (f32, the
+ * parameter's shape) and "<name>.step" (i64 [1]) per parameter, metadata format "sdpipe-optim", kind
+ * and hyper-parameters; or a value: {"kind", "lr", "beta1", "beta2", "eps", "weight_decay",
+ * "state": {name: {"step", "exp_avg", "exp_avg_sq"}}}.  Loading needs an optimizer of the same kind
+ * over parameters of the same names and shapes (else an error naming the first mismatch); it restores
+ * the state, not the hyper-parameters (the caller's options stay in force, as with a new command line).
+ */
+int sd_optim_save(const sd_optim *o, const char *path);
+int sd_optim_load(sd_optim *o, const char *path);
+sd_value *sd_optim_to_value(const sd_optim *o);
+int sd_optim_from_value(sd_optim *o, const sd_value *v);
+
+/* Zero n gradients (NULL entries skipped). */
+int sd_grad_zero(sd_tensor *const *grads, int n);
+/*
+ * torch.nn.utils.clip_grad_norm_(max_norm, norm_type 2): total = ‖(‖g_1‖, …, ‖g_n‖)‖₂, coef =
+ * max_norm/(total + 1e-6) clamped to 1, every g ← g·coef.  *total_norm (may be NULL) gets the norm
+ * before clipping.  NULL grads are skipped.
+ */
+int sd_clip_grad_norm(float *total_norm, sd_tensor *const *grads, int n, float max_norm);
+
 #endif

@@ -4,6 +4,8 @@
  * pipelines call it: input_ids only, no attention_mask, so the causal mask is the only mask and padding
  * tokens are attended.  Written on the backend ops (lib/ops.c) as llm.c-style *_forward functions whose
  * activations can be recorded for a backward (the trainer's text-encoder LoRA on q_proj / v_proj).
+ * Every linear goes through sd_lora_linear_forward (lora.c), so an adapter set on any of them
+ * (sd_clip_find_linear) runs unmerged; the act's `lora` field is its scratch.
  *
  * Numbers: transformers multiplies q by head_dim^-0.5 before q·kᵀ; here the scale goes into the
  * attention's softmax (sd_attention), which keeps the recorded q the plain q_proj output a LoRA
@@ -48,23 +50,26 @@ int sd_clip_embed_forward(sd_tensor *out, const sd_tensor *ids, const sd_tensor 
 	return sd_add(out, out, &pos, 1.0f, 1.0f);
 }
 
+/* A linear with its LoRA adapter, when one is set (lora.c; act->lora is the adapter's scratch). */
+#define LINEAR(out, x, l) sd_lora_linear_forward((out), (x), (l).w, (l).b, (l).lora, act->lora)
+
 int sd_clip_layer_forward(sd_tensor *out, const sd_clip_layer_act *act, const sd_tensor *x,
                           const sd_clip_layer *p, const sd_clip_config *cfg)
 {
 	const float scale = (float)(1.0 / sqrt((double)(cfg->hidden / cfg->heads)));
 	/* self-attention block: x + out_proj(attn(ln1(x))) */
 	TRY(sd_layer_norm(act->ln1, x, p->ln1_w, p->ln1_b, cfg->eps));
-	TRY(sd_linear(act->q, act->ln1, p->q.w, p->q.b));
-	TRY(sd_linear(act->k, act->ln1, p->k.w, p->k.b));
-	TRY(sd_linear(act->v, act->ln1, p->v.w, p->v.b));
+	TRY(LINEAR(act->q, act->ln1, p->q));
+	TRY(LINEAR(act->k, act->ln1, p->k));
+	TRY(LINEAR(act->v, act->ln1, p->v));
 	TRY(sd_attention(act->att, act->q, act->k, act->v, cfg->heads, scale, 1, act->probs));
-	TRY(sd_linear(act->tmp, act->att, p->o.w, p->o.b));
+	TRY(LINEAR(act->tmp, act->att, p->o));
 	TRY(sd_add(act->res1, x, act->tmp, 1.0f, 1.0f));
 	/* MLP block: res1 + fc2(act(fc1(ln2(res1)))) */
 	TRY(sd_layer_norm(act->ln2, act->res1, p->ln2_w, p->ln2_b, cfg->eps));
-	TRY(sd_linear(act->h, act->ln2, p->fc1.w, p->fc1.b));
+	TRY(LINEAR(act->h, act->ln2, p->fc1));
 	TRY(sd_act(act->a, act->h, cfg->act));
-	TRY(sd_linear(act->tmp, act->a, p->fc2.w, p->fc2.b));
+	TRY(LINEAR(act->tmp, act->a, p->fc2));
 	return sd_add(out, act->res1, act->tmp, 1.0f, 1.0f);
 }
 
@@ -254,6 +259,36 @@ size_t sd_clip_peak_bytes(const sd_clip *c)
 	return sd_arena_peak(c->arena);
 }
 
+sd_clip_linear *sd_clip_find_linear(sd_clip *c, const char *module)
+{
+	static const char *const names[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+	                                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2"};
+	const char *pre = "text_model.encoder.layers.";
+	size_t n = strlen(pre);
+	if (strncmp(module, pre, n)) return NULL;
+	char *end;
+	long i = strtol(module + n, &end, 10);
+	if (end == module + n || *end != '.' || i < 0 || i >= c->cfg.layers) return NULL;
+	sd_clip_layer *p = &c->layer[i];
+	sd_clip_linear *l[] = {&p->q, &p->k, &p->v, &p->o, &p->fc1, &p->fc2};
+	for (int k = 0; k < 6; k++)
+		if (!strcmp(end + 1, names[k])) return l[k];
+	return NULL;
+}
+
+/* The largest LoRA rank over the first n layers (0: no adapter, no scratch). */
+static int lora_rank(const sd_clip *c, int n)
+{
+	int r = 0;
+	for (int i = 0; i < n && i < c->cfg.layers; i++) {
+		const sd_clip_layer *p = &c->layer[i];
+		const sd_clip_linear *l[] = {&p->q, &p->k, &p->v, &p->o, &p->fc1, &p->fc2};
+		for (int k = 0; k < 6; k++)
+			if (sd_lora_rank(l[k]->lora) > r) r = sd_lora_rank(l[k]->lora);
+	}
+	return r;
+}
+
 /* ==== encoding ==== */
 
 /* Fill the host header h with a tensor of arena memory on the arena's device `dev`. */
@@ -357,7 +392,7 @@ int sd_clip_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, int clip
 	const int run = hidden ? g->layers : sel;
 	sd_arena_reset(c->arena);
 
-	enum { IDS, X, LN, Q, K, V, ATT, H, OUT, NH };
+	enum { IDS, X, LN, Q, K, V, ATT, H, OUT, LORA, NH };
 	sd_tensor hd[NH];
 	const sd_tensor *ids = place_ids(c, &hd[IDS], tokens);
 	if (!ids) return -1;
@@ -373,12 +408,14 @@ int sd_clip_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, int clip
 	if (!mk(&hd[H], A, dev, SD_DTYPE_F32, 3, N, L, F, 0)) return -1;
 	sd_tensor *res = out;
 	if (out->device != dev && !(res = mk(&hd[OUT], A, dev, SD_DTYPE_F32, 3, N, L, D, 0))) return -1;
+	const int rank = lora_rank(c, run);
+	if (rank && !mk(&hd[LORA], A, dev, SD_DTYPE_F32, 3, N, L, rank, 0)) return -1;
 
 	/* inference aliases: residuals in place in x, ln2 over ln1, activation in place, tmp over q */
 	sd_tensor *x = &hd[X];
 	const sd_clip_layer_act act = {
 		.ln1 = &hd[LN], .q = &hd[Q], .k = &hd[K], .v = &hd[V], .probs = NULL, .att = &hd[ATT],
-		.res1 = x, .ln2 = &hd[LN], .h = &hd[H], .a = &hd[H], .tmp = &hd[Q],
+		.res1 = x, .ln2 = &hd[LN], .h = &hd[H], .a = &hd[H], .tmp = &hd[Q], .lora = rank ? &hd[LORA] : NULL,
 	};
 	TRY(sd_clip_embed_forward(x, ids, c->tok_emb, c->pos_emb));
 	for (int l = 0; l <= run; l++) {
@@ -408,8 +445,8 @@ int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_te
 	const int64_t N = ids->shape[0], L = ids->shape[1], D = g->hidden, F = g->intermediate, H = g->heads;
 	const enum sd_device dev = c->dev;
 
-	/* host memory for headers and arrays: nl+1 hidden, 11 per layer, out */
-	const int nhdr = (nl + 1) + 11 * nl + 1;
+	/* host memory for headers and arrays: nl+1 hidden, 12 per layer, out */
+	const int nhdr = (nl + 1) + 12 * nl + 1, rank = lora_rank(c, nl);
 	free(c->rec);
 	c->rec = calloc(1, nhdr * sizeof(sd_tensor) + (nl + 1) * sizeof(sd_tensor *) + nl * sizeof(sd_clip_layer_act));
 	if (!c->rec) return sd_seterr("out of memory");
@@ -426,7 +463,7 @@ int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_te
 		if (!(la->ln1 = T3(D)) || !(la->q = T3(D)) || !(la->k = T3(D)) || !(la->v = T3(D)) ||
 		    !(la->probs = mk(hd++, a, dev, SD_DTYPE_F32, 4, N, H, L, L)) || !(la->att = T3(D)) ||
 		    !(la->res1 = T3(D)) || !(la->ln2 = T3(D)) || !(la->h = T3(F)) || !(la->a = T3(F)) ||
-		    !(la->tmp = T3(D)))
+		    !(la->tmp = T3(D)) || (rank && !(la->lora = T3(rank))))
 			return -1;
 	}
 	if (!(act->out = T3(D))) return -1;

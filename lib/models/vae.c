@@ -48,12 +48,15 @@ int sd_vae_attn_forward(sd_tensor *out, const sd_vae_attn_act *a, const sd_tenso
                         int groups, float eps)
 {
 	// x (N,C,H,W); one head of C features over L = H·W positions
+	/* the projections with their LoRA adapters when set (lora.c; a->lora is the adapters' scratch) */
 	if (sd_group_norm(a->n, x, groups, p->norm_w, p->norm_b, eps, 0) || sd_nchw_to_nlc(a->nl, a->n) ||
-	    sd_linear(a->q, a->nl, p->q.w, p->q.b) || sd_linear(a->k, a->nl, p->k.w, p->k.b) ||
-	    sd_linear(a->v, a->nl, p->v.w, p->v.b))
+	    sd_lora_linear_forward(a->q, a->nl, p->q.w, p->q.b, p->q.lora, a->lora) ||
+	    sd_lora_linear_forward(a->k, a->nl, p->k.w, p->k.b, p->k.lora, a->lora) ||
+	    sd_lora_linear_forward(a->v, a->nl, p->v.w, p->v.b, p->v.lora, a->lora))
 		return -1;
 	if (sd_attention(a->o, a->q, a->k, a->v, 1, 1.0f / sqrtf((float)p->c), 0, a->probs)) return -1;
-	if (sd_linear(a->p, a->o, p->out.w, p->out.b) || sd_nlc_to_nchw(out, a->p)) return -1;
+	if (sd_lora_linear_forward(a->p, a->o, p->out.w, p->out.b, p->out.lora, a->lora) || sd_nlc_to_nchw(out, a->p))
+		return -1;
 	return sd_add(out, out, x, 1.0f, 1.0f); /* residual_connection, rescale_output_factor 1 */
 }
 
@@ -470,6 +473,31 @@ const sd_vae_attn *sd_vae_encoder_attn(const sd_vae *v)
 	return v->cfg.mid_attention ? &v->enc_attn : NULL;
 }
 
+sd_vae_conv *sd_vae_find_linear(sd_vae *v, const char *module)
+{
+	static const char *const names[4][2] = {{"to_q", "query"}, {"to_k", "key"}, {"to_v", "value"},
+	                                        {"to_out.0", "proj_attn"}};
+	if (!v->cfg.mid_attention) return NULL;
+	sd_vae_attn *a;
+	const char *s;
+	if (!strncmp(module, "encoder.mid_block.attentions.0.", 31)) a = &v->enc_attn, s = module + 31;
+	else if (!strncmp(module, "decoder.mid_block.attentions.0.", 31)) a = &v->dec_attn, s = module + 31;
+	else return NULL;
+	sd_vae_conv *l[4] = {&a->q, &a->k, &a->v, &a->out};
+	for (int k = 0; k < 4; k++)
+		if (!strcmp(s, names[k][0]) || !strcmp(s, names[k][1])) return l[k];
+	return NULL;
+}
+
+static int attn_lora_rank(const sd_vae_attn *a)
+{
+	int r = sd_lora_rank(a->q.lora);
+	if (sd_lora_rank(a->k.lora) > r) r = sd_lora_rank(a->k.lora);
+	if (sd_lora_rank(a->v.lora) > r) r = sd_lora_rank(a->v.lora);
+	if (sd_lora_rank(a->out.lora) > r) r = sd_lora_rank(a->out.lora);
+	return r;
+}
+
 size_t sd_vae_peak_bytes(const sd_vae *v)
 {
 	return v->peak;
@@ -645,8 +673,14 @@ static sd_tensor *attention(run *r, const sd_vae_attn *p, const sd_tensor *x, sd
 		a.v = b4;
 		out = b3;
 	}
+	const int rank = attn_lora_rank(p);
+	if (rank && !(a.lora = act_new(r, N, L, rank, 0))) {
+		if (!r->rec) drop(r, a.n), drop(r, a.nl), drop(r, a.v), drop(r, out);
+		return NULL;
+	}
+	if (rec) rec->lora = a.lora;
 	int rc = sd_vae_attn_forward(out, &a, x, p, c->groups, c->eps);
-	drop(r, a.n), drop(r, a.nl), drop(r, a.v);
+	drop(r, a.n), drop(r, a.nl), drop(r, a.v), drop(r, a.lora);
 	if (rc) {
 		drop(r, out);
 		return NULL;
