@@ -10,6 +10,18 @@
 
 #include "sd.h"
 
+/* The float constants of one Adam/AdamW step, derived on the host in double the way torch.optim's
+ * single-tensor path derives them, then rounded to float as torch hands Python scalars to f32 kernels. */
+struct sd_adam_coef {
+	float decay;     /* AdamW: p ← p·decay first, decay = 1 − lr·wd (1: none) */
+	float wd;        /* Adam: g ← g + wd·p (0: none) */
+	float b1, c1;    /* m ← m·β1 + c1·g, c1 = 1 − β1 */
+	float b2, c2;    /* v ← v·β2 + (c2·g)·g, c2 = 1 − β2 */
+	float bc2_sqrt;  /* √(1 − β2^t) */
+	float eps;
+	float neg_step;  /* −lr / (1 − β1^t): p ← p + (neg_step·m) / (√v / bc2_sqrt + eps) */
+};
+
 struct sd_backend {
 	const char *name;
 	enum sd_device device;
@@ -61,6 +73,47 @@ struct sd_backend {
 	int (*upsample2x)(float *out, const float *x, int64_t P, int64_t H, int64_t W);
 	/* out (n × D) = table[ids[i]] (ids host or device memory as the backend keeps it, checked < V) */
 	int (*embedding)(float *out, const int32_t *ids, const float *table, int64_t n, int64_t V, int64_t D);
+
+	/* ---- training (lib/train/; the CPU ones in cpu/backward.c) ----
+	 * A backward slot writes an input gradient dx with `acc`: 0 overwrites (dx's old contents are never
+	 * read, they may be NaN), 1 adds to it.  Parameter gradients (dgamma, dbeta; NULL to skip) always
+	 * add. */
+	/* dx (N,C,H,W) of out = conv2d(x, w (O,C,kh,kw), stride, pads pt/pl top-left) given dy (N,O,Ho,Wo) */
+	int (*conv2d_backward_input)(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,
+	                             int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl, int64_t Ho,
+	                             int64_t Wo, int acc);
+	/* the group_norm slot's backward (statistics recomputed from x; silu: through the fused SiLU) */
+	int (*group_norm_backward)(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+	                           const float *gamma, const float *beta, int64_t N, int64_t C, int64_t S, int groups,
+	                           float eps, int silu, int acc);
+	int (*layer_norm_backward)(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+	                           const float *gamma, int64_t rows, int64_t D, float eps, int acc);
+	int (*act_backward)(float *dx, const float *dy, const float *x, int64_t n, enum sd_act act, int acc);
+	/* dx rows × 2F from dy rows × F */
+	int (*geglu_backward)(float *dx, const float *dy, const float *x, int64_t rows, int64_t F, int acc);
+	/* per row (row stride ld for all three): dx = scale · y ⊙ (dy − Σ dy⊙y), y the softmax output;
+	 * dx may be dy when acc = 0 */
+	int (*softmax_backward)(float *dx, const float *dy, const float *y, int64_t rows, int64_t cols, int64_t ld,
+	                        float scale, int acc);
+	/* dx (P,H,W): sum of each 2×2 block of dy (P,2H,2W) */
+	int (*upsample2x_backward)(float *dx, const float *dy, int64_t P, int64_t H, int64_t W, int acc);
+	/* out[j] (+)= alpha · Σ_a Σ_s x[(a·m + j)·S + s], j < m: the gradient of a broadcast operand */
+	int (*reduce)(float *out, const float *x, int64_t A, int64_t m, int64_t S, float alpha, int acc);
+	/* z = mean + exp(½·clamp(logvar, −30, 20))·eps with moments (N, 2C, S) = [mean | logvar] per
+	 * sample: dmoments from dz (N, C, S) */
+	int (*gaussian_sample_backward)(float *dmoments, const float *dz, const float *moments, const float *eps,
+	                                int64_t N, int64_t C, int64_t S, int acc);
+	/* *loss (host) = Σ_n w[n]·Σ_i (pred−target)² / (N·per); dpred = (float)(gscale·2·w[n]/(N·per))·(pred−target)
+	 * (overwritten); w host memory, NULL = all 1 */
+	int (*mse_loss)(double *loss, float *dpred, const float *pred, const float *target, const float *w,
+	                int64_t N, int64_t per, float gscale);
+	/* mask[i] = 1/(1−p) (as torch's float division) when the counter-based uniform u(seed, stream, i)
+	 * < 1 − p, else 0 */
+	int (*dropout_mask)(float *mask, int64_t n, float p, uint64_t seed, uint64_t stream);
+	/* one Adam/AdamW update of n elements (see struct sd_adam_coef); m, v updated in place */
+	int (*adam_step)(float *p, const float *g, float *m, float *v, int64_t n, const struct sd_adam_coef *k);
+	/* *out (host) = Σ x² accumulated in double */
+	int (*sumsq)(double *out, const float *x, int64_t n);
 };
 
 extern const struct sd_backend sd_cpu_backend;

@@ -1386,7 +1386,7 @@ int sd_optim_parse(const char *name, enum sd_optim_kind *out);
  * saved state, unique), with torch's state per parameter: step count, exp_avg, exp_avg_sq (zeros on the
  * parameter's device).  A step is torch's single-tensor path (foreach=False):
  *   AdamW: p ← p·(1 − lr·wd);  Adam: g ← g + wd·p
- *   m ← lerp(m, g, 1−β1);  v ← v·β2 + (1−β2)·g·g;  t ← t + 1
+ *   m ← m·β1 + (1−β1)·g;  v ← v·β2 + (1−β2)·g·g;  t ← t + 1
  *   p ← p − (lr/(1−β1ᵗ)) · m / (√v/√(1−β2ᵗ) + eps)
  * grads[i] NULL: parameter i has no gradient and is skipped (step count unchanged), as torch skips
  * p.grad None.

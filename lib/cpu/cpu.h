@@ -18,4 +18,27 @@ int sd_cpu_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, co
  * (0: im2col, 1: attention scores); NULL with a message when out of memory. */
 void *sd_cpu_scratch(int slot, size_t bytes);
 
+/* cpu/backward.c: the training slots (see lib/backend.h) */
+int sd_cpu_conv2d_backward_input(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,
+                                 int64_t W, int64_t O, int kh, int kw, int stride, int pt, int pl, int64_t Ho,
+                                 int64_t Wo, int acc);
+int sd_cpu_group_norm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                               const float *gamma, const float *beta, int64_t N, int64_t C, int64_t S, int groups,
+                               float eps, int silu, int acc);
+int sd_cpu_layer_norm_backward(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                               const float *gamma, int64_t rows, int64_t D, float eps, int acc);
+int sd_cpu_act_backward(float *dx, const float *dy, const float *x, int64_t n, enum sd_act act, int acc);
+int sd_cpu_geglu_backward(float *dx, const float *dy, const float *x, int64_t rows, int64_t F, int acc);
+int sd_cpu_softmax_backward(float *dx, const float *dy, const float *y, int64_t rows, int64_t cols, int64_t ld,
+                            float scale, int acc);
+int sd_cpu_upsample2x_backward(float *dx, const float *dy, int64_t P, int64_t H, int64_t W, int acc);
+int sd_cpu_reduce(float *out, const float *x, int64_t A, int64_t m, int64_t S, float alpha, int acc);
+int sd_cpu_gaussian_sample_backward(float *dmoments, const float *dz, const float *moments, const float *eps,
+                                    int64_t N, int64_t C, int64_t S, int acc);
+int sd_cpu_mse_loss(double *loss, float *dpred, const float *pred, const float *target, const float *w, int64_t N,
+                    int64_t per, float gscale);
+int sd_cpu_dropout_mask(float *mask, int64_t n, float p, uint64_t seed, uint64_t stream);
+int sd_cpu_adam_step(float *p, const float *g, float *m, float *v, int64_t n, const struct sd_adam_coef *k);
+int sd_cpu_sumsq(double *out, const float *x, int64_t n);
+
 #endif
