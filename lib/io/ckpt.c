@@ -9,7 +9,8 @@
  *
  * The archive is read with libarchive, one entry after another.  Each entry is read into memory with its
  * size counted as it arrives (the size the zip declares is not trusted) and capped: data.pkl at
- * MAX_PICKLE, one storage at MAX_STORAGE, all entries together at MAX_TOTAL (16 GiB).  Entry names with
+ * MAX_PICKLE, one storage at MAX_STORAGE, all entries together at MAX_TOTAL (16 GiB); the tensors made
+ * from them at OUT_FACTOR times the file's size (plus OUT_SLACK).  Entry names with
  * "..", absolute names, and entries outside data.pkl's folder are refused.
  *
  * data.pkl is read by a restricted unpickler that mirrors the part of Python's pickle machine (pickle.py,
@@ -50,6 +51,11 @@
 #define MAX_MEMO ((size_t)1 << 24)          /* memo slots (and no more than max(256, pickle bytes)) */
 #define MAX_TREE ((size_t)1 << 30)          /* bytes of values the unpickler may allocate */
 #define MAX_GLOBAL_NAME 256                 /* one line of a GLOBAL opcode */
+/* Bytes of tensors made, all together: OUT_FACTOR × the file's size + OUT_SLACK.  A view may repeat a
+ * storage's elements (stride 0, or many tensors over one storage), so without this a file of a few KB
+ * could ask for terabytes; real checkpoints make about their own size (4× covers int8 widened to i32). */
+#define OUT_FACTOR 4
+#define OUT_SLACK ((uint64_t)64 << 20)
 
 /* ==== the value tree ==== */
 
@@ -768,6 +774,7 @@ struct loader {
 	int ngroups;
 	struct pending *pend;
 	int npend;
+	uint64_t max_out;   /* bytes of tensors the file may make (OUT_FACTOR, OUT_SLACK) */
 };
 
 static int cmp_name(const void *a, const void *b, void *arg)
@@ -812,6 +819,7 @@ static int plan(struct loader *L, struct pv *root)
 	for (size_t i = 0; i + 1 < root->u.a.n; i += 2)
 		n += root->u.a.v[i]->kind == P_STR && root->u.a.v[i + 1]->kind == P_TENSOR;
 	if (n > INT32_MAX / 2) return sd_seterr("%s: too many tensors", L->path);
+	uint64_t out = 0;
 	c->e = calloc(n ? n : 1, sizeof *c->e);
 	c->byname = calloc(n ? n : 1, sizeof *c->byname);
 	L->ord = calloc(n ? n : 1, sizeof *L->ord);
@@ -864,6 +872,18 @@ static int plan(struct loader *L, struct pv *root)
 		}
 		gr = &L->groups[L->ngroups++];
 		*gr = (struct group){ st->u.st.key, st->u.st.keyn, st->u.st.g, st->u.st.numel, i, 1, 0 };
+	}
+	/* Every storage fits its limit; now the bytes the views make together (see OUT_FACTOR).  numel * 8
+	 * fits in int64 (sd_shape_numel), and out <= max_out < 2^62 before each add. */
+	for (int i = 0; i < c->n; i++) {
+		const struct pv *v = c->e[i].view;
+		int64_t numel;
+		sd_shape_numel(v->u.t.ndim, v->u.t.size, &numel);
+		out += (uint64_t)numel * sd_dtype_size(globals[v->u.t.st->u.st.g].dtype);
+		if (out > L->max_out)
+			return sd_seterr("%s: the tensors up to '%s' need %llu bytes, more than %d times the file's "
+			                 "size (views that repeat a storage's elements?)", L->path, c->e[i].name,
+			                 (unsigned long long)out, OUT_FACTOR);
 	}
 	return 0;
 }
@@ -1182,6 +1202,8 @@ static int load(struct loader *L)
 	struct archive_entry *ae;
 	long count = 0;
 	if (precheck(L->path) < 0) return -1;
+	struct stat st;
+	L->max_out = OUT_SLACK + (stat(L->path, &st) == 0 && st.st_size > 0 ? OUT_FACTOR * (uint64_t)st.st_size : 0);
 	if (!(L->a = archive_read_new())) return sd_seterr("%s: out of memory", L->path);
 	archive_read_support_format_zip(L->a);
 	if (archive_read_open_filename(L->a, L->path, 1 << 16) != ARCHIVE_OK)

@@ -9,6 +9,9 @@
  * Informational messages (pm_message) are dropped.  libnetpbm's error state is process-global, so these
  * functions are not thread-safe (nor is libnetpbm).
  *
+ * Size: an image header is checked before anything is allocated for it: at most 2^28 pixels
+ * ($SD_MAX_PIXELS overrides), and no more than a regular file can still hold (see check_size).
+ *
  * Values: sample / maxval as f32, so [0,1] for every maxval; PBM reads as libnetpbm's pam view of it
  * (black = 0, white = 1).  Writing clamps to [0,1] (NaN counts as 0) and rounds x·maxval to nearest,
  * which gives back the exact samples of anything read with the same maxval.
@@ -16,12 +19,18 @@
 #include <errno.h>
 #include <math.h>
 #include <setjmp.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <pam.h>
 
 #include "sd.h"
+
+/* libnetpbm's PAM_STRUCT_SIZE(tuple_type) computes the offset through a null pointer, which UBSan
+ * reports as undefined behaviour; this is the same number by offsetof. */
+#define PAM_LEN (offsetof(struct pam, tuple_type) + sizeof(((struct pam *)NULL)->tuple_type))
 
 /* ==== libnetpbm error handling ==== */
 
@@ -49,6 +58,55 @@ static void pm_setup(void)
 }
 
 /* ==== reading ==== */
+
+/* The largest image read, in pixels (W·H), unless $SD_MAX_PIXELS says otherwise: 2^28 (16384×16384),
+ * an f32 RGB tensor of 3 GiB.  Samples (W·H·depth) may be up to 4 times that (RGBA). */
+#define MAX_PIXELS ((int64_t)1 << 28)
+
+static int64_t max_pixels(void)
+{
+	const char *e = getenv("SD_MAX_PIXELS");
+	if (!e || !*e) return MAX_PIXELS;
+	char *end;
+	errno = 0;
+	long long v = strtoll(e, &end, 10);
+	if (errno || *end || v < 1) return MAX_PIXELS; /* a bad value keeps the default */
+	return v < ((int64_t)1 << 40) ? (int64_t)v : (int64_t)1 << 40; /* so that 4·cap·depth cannot overflow */
+}
+
+/*
+ * Is an image with this header acceptable?  Its pixels must be within max_pixels() and its samples
+ * within four times that; and when the input is a regular file, the bytes left in it must be able to
+ * hold the raster (raw formats: every sample's bytes, PBM 1 bit; plain formats: at least one byte per
+ * sample), so a short file fails here instead of after a large allocation.  0, or -1 with a message
+ * in why.
+ */
+static int check_size(FILE *f, const struct pam *pam, char *why, size_t n)
+{
+	const int64_t W = pam->width, H = pam->height, C = pam->depth, cap = max_pixels();
+	const int64_t pixels = W * H; /* both < 2^31: no overflow */
+	if (pixels > cap || pixels * C > 4 * cap) {
+		snprintf(why, n, "image of %lldx%lld pixels and depth %lld is larger than the limit of %lld "
+		         "pixels (SD_MAX_PIXELS)", (long long)W, (long long)H, (long long)C, (long long)cap);
+		return -1;
+	}
+	struct stat st;
+	int fd = fileno(f);
+	off_t at = fd >= 0 ? ftello(f) : -1;
+	if (fd < 0 || at < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) return 0; /* a pipe: as it comes */
+	int64_t need;
+	int plain = pam->format == PBM_FORMAT || pam->format == PGM_FORMAT || pam->format == PPM_FORMAT;
+	if (plain) need = pixels * C;
+	else if (pam->format == RPBM_FORMAT) need = (W + 7) / 8 * H;
+	else need = pixels * C * (pam->maxval > 255 ? 2 : 1);
+	if (st.st_size - at < need) {
+		snprintf(why, n, "the header declares %lldx%lld pixels of depth %lld, but only %lld bytes of the "
+		         "file are left (%lld needed; truncated?)", (long long)W, (long long)H, (long long)C,
+		         (long long)(st.st_size - at), (long long)need);
+		return -1;
+	}
+	return 0;
+}
 
 struct sd_pnm_reader {
 	FILE *f;
@@ -114,7 +172,7 @@ int sd_pnm_read(sd_pnm_reader *r, sd_tensor **image, int *maxval)
 	}
 
 	memset(&pam, 0, sizeof pam);
-	pnm_readpaminit(r->f, &pam, PAM_STRUCT_SIZE(tuple_type));
+	pnm_readpaminit(r->f, &pam, PAM_LEN);
 	if (pam.depth < 1 || pam.depth > 4096 || pam.height < 1 || pam.width < 1 || pam.maxval < 1) {
 		/* libnetpbm already refuses these; keep the check so no odd header reaches the allocation. */
 		pm_error("unsupported image header (%dx%d, depth %u, maxval %lu)", pam.width, pam.height,
@@ -123,12 +181,21 @@ int sd_pnm_read(sd_pnm_reader *r, sd_tensor **image, int *maxval)
 
 	const int64_t C = pam.depth, H = pam.height, W = pam.width;
 	const int64_t shape[4] = {1, C, H, W};
-	r->img = sd_tensor_new(SD_DTYPE_F32, 4, shape);
-	if (!r->img) {
-		char msg[512];
-		snprintf(msg, sizeof msg, "%s", sd_errmsg());
-		pm_error("%dx%d image of depth %u: %s", pam.width, pam.height, pam.depth, msg);
+	/* The header alone must not make us allocate: pnm_readpam-style readers take W, H and depth on
+	 * trust, and 20 bytes can declare 100000x100000.  Refuse what is over the cap, or more than a
+	 * regular file can hold, before the tensor is allocated. */
+	char why[256];
+	if (check_size(r->f, &pam, why, sizeof why) < 0) pm_error("%s", why);
+	/* Not sd_tensor_new, which zero-fills and so touches every page before a row has arrived: every
+	 * sample is written below, so a pipe that ends early has only touched the rows it delivered.  The
+	 * memory is the CPU backend's kind (posix_memalign, released with free by sd_tensor_free). */
+	void *mem = NULL;
+	if (posix_memalign(&mem, 64, (size_t)(C * H * W) * sizeof(float)) != 0) mem = NULL;
+	if (!mem || !(r->img = sd_tensor_wrap(SD_DTYPE_F32, 4, shape, mem))) {
+		free(mem);
+		pm_error("%dx%d image of depth %u: out of memory", pam.width, pam.height, pam.depth);
 	}
+	r->img->owns = 1;
 	r->row = pnm_allocpamrow(&pam);
 
 	float *px = r->img->data;
@@ -194,7 +261,7 @@ static int encode(FILE *m, const float *px, int C, int H, int W, int maxval)
 
 	memset(&pam, 0, sizeof pam);
 	pam.size = sizeof pam;
-	pam.len = PAM_STRUCT_SIZE(tuple_type);
+	pam.len = PAM_LEN;
 	pam.file = m;
 	pam.format = C == 1 ? RPGM_FORMAT : RPPM_FORMAT;
 	pam.plainformat = 0;

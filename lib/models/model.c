@@ -885,7 +885,8 @@ static int to_int(const sd_weights *w, const char *key, const json_t *v, int64_t
 	}
 	if (json_is_real(v)) {
 		double d = json_real_value(v);
-		if (d == (double)(int64_t)d) {
+		/* the range check first: converting a double outside int64's range (1e210) is undefined */
+		if (d >= -0x1p63 && d < 0x1p63 && d == (double)(int64_t)d) {
 			*out = (int64_t)d;
 			return 0;
 		}

@@ -151,29 +151,32 @@ static const char *cfg_str(json_t *root, enum sd_sampler_kind kind, unsigned acc
  * refuses: blank them to null outside string literals.  Returns a malloc'd copy. */
 static char *json_sanitize(const char *text)
 {
-	size_t n = strlen(text);
-	char *s = malloc(n + 1);
+	size_t n = strlen(text), k = 0;
+	char *s = malloc(n * 2 + 1); /* "NaN" (3 bytes) becomes "null" (4): the output can grow */
 	if (!s) return NULL;
-	memcpy(s, text, n + 1);
 	int in_str = 0;
 	for (size_t i = 0; i < n; i++) {
 		if (in_str) {
-			if (s[i] == '\\' && i + 1 < n) i++;
-			else if (s[i] == '"') in_str = 0;
+			if (text[i] == '\\' && i + 1 < n) s[k++] = text[i++];
+			else if (text[i] == '"') in_str = 0;
+			s[k++] = text[i];
 			continue;
 		}
-		if (s[i] == '"') { in_str = 1; continue; }
+		if (text[i] == '"') in_str = 1;
 		static const char *const words[] = {"-Infinity", "Infinity", "NaN"};
-		for (int w = 0; w < 3; w++) {
+		int hit = 0;
+		for (int w = 0; w < 3 && !hit; w++) {
 			size_t l = strlen(words[w]);
-			if (strncmp(s + i, words[w], l) == 0) {
-				memcpy(s + i, "null", 4);
-				memset(s + i + 4, ' ', l - 4);
+			if (strncmp(text + i, words[w], l) == 0) {
+				memcpy(s + k, "null", 4);
+				k += 4;
 				i += l - 1;
-				break;
+				hit = 1;
 			}
 		}
+		if (!hit) s[k++] = text[i];
 	}
+	s[k] = 0;
 	return s;
 }
 

@@ -113,7 +113,9 @@ static int32_t sym_add(sd_tokenizer *t, const char *s, size_t n, int32_t id)
 		t->sym = p;
 		t->capsym = cap;
 	}
-	if (t->capstr - t->nstr < n) {
+	/* !t->str: allocate on the first symbol even when it is empty ("" in a hostile vocab.json), so that
+	 * t->str + off below and in sym_find never offsets a null pointer (found by fuzz_tokenizer) */
+	if (!t->str || t->capstr - t->nstr < n) {
 		size_t cap = t->capstr ? t->capstr : 1 << 20;
 		while (cap - t->nstr < n)
 			cap *= 2;
@@ -374,8 +376,10 @@ static int load_vocab(sd_tokenizer *t, const char *path)
 	json_t *val;
 	json_object_foreach(root, key, val) {
 		if (!json_is_integer(val) || json_integer_value(val) < 0 || json_integer_value(val) > INT32_MAX) {
+			/* the message first: key belongs to root (found by fuzz_tokenizer: a use after free) */
+			sd_seterr("%s: the id of \"%s\" is not a non-negative integer", path, key);
 			json_decref(root);
-			return sd_seterr("%s: the id of \"%s\" is not a non-negative integer", path, key);
+			return -1;
 		}
 		size_t len = strlen(key);
 		if (sym_find(t, key, len) >= 0)

@@ -439,6 +439,8 @@ static uint32_t compose(uint32_t a, uint32_t b)
 int uni_nfc(const uint32_t *s, size_t n, uni_buf *out)
 {
 	init_tables();
+	if (n == 0) /* nothing to add; and out->p may still be NULL, which `out->p + base` must not meet */
+		return 0;
 	size_t base = out->n;
 	/* decompose */
 	for (size_t i = 0; i < n; i++) {
