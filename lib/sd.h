@@ -533,6 +533,7 @@ typedef struct sd_vae_config {
 typedef struct sd_vae_conv {
 	const sd_tensor *w, *b;
 	const struct sd_lora_layer *lora;
+	const struct sd_lora_train *train; /* the adapter's training state (gradients, dropout), NULL: frozen */
 } sd_vae_conv;
 
 /* ResnetBlock2D without time embedding: norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus x or
@@ -674,6 +675,26 @@ typedef struct sd_vae_enc_act {
 } sd_vae_enc_act;
 int sd_vae_encode_record(sd_vae *v, sd_vae_enc_act *act, sd_arena *a, const sd_tensor *x);
 
+/*
+ * Backwards of the encoder path (llm.c style: input gradient first, then the forward's activations and
+ * inputs).  The weights are frozen; an adapter with a training state (sd_vae_conv.train, see "training
+ * step") gets its dA/dB added (+=).  dx is written with `acc` (0 overwrite, 1 add); temporaries come
+ * from `scratch` (on the VAE's device), which the caller resets afterwards.
+ */
+/* ResnetBlock2D: dx (N,Cin,H,W) from dout (N,Cout,H,W); act as recorded (every field distinct). */
+int sd_vae_resnet_backward(sd_tensor *dx, const sd_tensor *dout, const sd_vae_resnet_act *act, const sd_tensor *x,
+                           const sd_vae_resnet *p, int groups, float eps, sd_arena *scratch, int acc);
+/* The mid-block attention: dx (N,C,H,W) from dout (N,C,H,W); act with probs kept (or NULL: recomputed). */
+int sd_vae_attn_backward(sd_tensor *dx, const sd_tensor *dout, const sd_vae_attn_act *act, const sd_tensor *x,
+                         const sd_vae_attn *p, int groups, float eps, sd_arena *scratch, int acc);
+/*
+ * The whole encoder after sd_vae_encode_record: dmoments (N,2L,h,w) = dLoss/dmoments (see
+ * sd_gaussian_sample_backward for the posterior sample) → adapter gradients (+=), and dx (N,in,H,W)
+ * (overwritten) when not NULL.  Without dx the walk stops at the earliest layer that has a training
+ * state (the mid-block attention), since nothing before it has parameters to train.
+ */
+int sd_vae_encode_backward(sd_vae *v, const sd_vae_enc_act *act, const sd_tensor *dmoments, sd_tensor *dx);
+
 /* ==== CLIP text encoder (lib/models/clip.c) ==== */
 
 /*
@@ -703,6 +724,7 @@ typedef struct sd_clip_config {
 typedef struct sd_clip_linear {
 	const sd_tensor *w, *b;
 	const struct sd_lora_layer *lora;
+	const struct sd_lora_train *train; /* the adapter's training state (gradients, dropout), NULL: frozen */
 } sd_clip_linear;
 
 /* The weights of one CLIPEncoderLayer (borrowed from the sd_weights). */
@@ -782,6 +804,18 @@ typedef struct sd_clip_act {
 } sd_clip_act;
 int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_tensor *ids, int clip_skip);
 
+/*
+ * One layer's backward: dx (N,L,D) (acc: 0 overwrite, 1 add) from dout (N,L,D), given the recorded act
+ * (probs kept, or NULL: recomputed) and the layer input x.  Frozen weights; adapters with a training
+ * state (sd_clip_linear.train) get dA/dB += .  dx NULL: only the adapter gradients.  Temporaries from
+ * `scratch` (the encoder's device), which the caller resets afterwards.
+ */
+int sd_clip_layer_backward(sd_tensor *dx, const sd_tensor *dout, const sd_clip_layer_act *act, const sd_tensor *x,
+                           const sd_clip_layer *p, const sd_clip_config *cfg, sd_arena *scratch, int acc);
+/* The encoder's backward after sd_clip_encode_record: dout (N,L,D) = dLoss/d act->out → the adapter
+ * gradients (+=) of every layer (no gradient into the token ids).  Scratch is the encoder's own. */
+int sd_clip_backward(sd_clip *c, const sd_clip_act *act, const sd_tensor *dout);
+
 /* ==== UNet (lib/models/unet.c) ==== */
 
 /*
@@ -838,6 +872,7 @@ typedef struct sd_unet_linear {
 	const sd_tensor *w, *b;
 	const sd_tensor *lora_a, *lora_b;
 	float lora_scale;
+	const struct sd_lora_train *train; /* the adapter's training state (gradients, dropout), NULL: frozen */
 } sd_unet_linear;
 
 /* ResnetBlock2D with the time embedding ("default" time_embedding_norm). */
@@ -1005,9 +1040,49 @@ typedef struct sd_unet_act {
 	sd_tensor *norm_out;    // (N,C0,h,w) conv_norm_out, before SiLU
 	sd_tensor *act_out;     // (N,C0,h,w) silu(norm_out)
 	sd_tensor *out;         // (N,out,h,w) conv_out
+	int checkpointed;       // 1: sd_unet_forward_checkpointed (res/tr acts, up-block res_in, up[] not kept)
 } sd_unet_act;
 int sd_unet_forward_record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent, const float *t,
                            int nt, const sd_tensor *context);
+/*
+ * Gradient checkpointing: the same walk keeping only what the backward cannot recompute cheaply — the
+ * time embedding and every resnet's / transformer's / resampler's output (the block inputs) — in `a`;
+ * act->res[i] / act->tr[i] are left zero (act->checkpointed = 1) and sd_unet_backward recomputes each
+ * block's activations just before its backward (one block at a time: memory O(one block)).
+ */
+int sd_unet_forward_checkpointed(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent,
+                                 const float *t, int nt, const sd_tensor *context);
+
+/*
+ * Backwards (llm.c style: gradients first, then the recorded activations and inputs, then sizes).  The
+ * weights are frozen; an adapter with a training state (sd_unet_linear.train) gets dA/dB added (+=).  dx
+ * is written with `acc` (0 overwrite, 1 add); dctx, the cross-attention context's gradient, always
+ * accumulates (+=: every transformer adds to it); NULL when not wanted.  Temporaries come from
+ * `scratch` (the UNet's device), which the caller resets afterwards.  No gradient flows into the time
+ * embedding (timesteps are not differentiated, time_emb_proj is frozen).
+ */
+/* ResnetBlock2D: dx (N,Cin,H,W) from dout (N,Cout,H,W). */
+int sd_unet_resnet_backward(sd_tensor *dx, const sd_tensor *dout, const sd_unet_resnet_act *act, const sd_tensor *x,
+                            const sd_unet_resnet *p, int groups, float eps, sd_arena *scratch, int acc);
+/* BasicTransformerBlock: dx (N,L,D) from dout (N,L,D); ctx (N,Lc,Dc), dctx += . */
+int sd_unet_tblock_backward(sd_tensor *dx, sd_tensor *dctx, const sd_tensor *dout, const sd_unet_tblock_act *act,
+                            const sd_tensor *x, const sd_tensor *ctx, const sd_unet_tblock *p, sd_arena *scratch, int acc);
+/* Transformer2DModel: dx (N,C,H,W) from dout (N,C,H,W); dctx += . */
+int sd_unet_transformer_backward(sd_tensor *dx, sd_tensor *dctx, const sd_tensor *dout,
+                                 const sd_unet_transformer_act *act, const sd_tensor *x, const sd_tensor *ctx,
+                                 const sd_unet_transformer *p, int groups, sd_arena *scratch, int acc);
+/*
+ * The whole UNet after sd_unet_forward_record / _checkpointed (act as they left it, the arena not yet
+ * reset): deps (N,out,h,w) = dLoss/d eps → adapter gradients (+=), dlatent (N,in,h,w) and dcontext
+ * (N,Lc,Dc) (both overwritten; NULL: not wanted — without dlatent the walk skips what lies before the
+ * first trainable layer).  Scratch arenas are the UNet's own.
+ */
+int sd_unet_backward(sd_unet *u, const sd_unet_act *act, const sd_tensor *deps, sd_tensor *dlatent,
+                     sd_tensor *dcontext);
+/* The module names of the linear layers (diffusers' paths, in build order), for a trainer choosing
+ * LoRA targets; NULL when i is out of range.  Adapters act unmerged on the attention projections only. */
+int sd_unet_linear_count(const sd_unet *u);
+const char *sd_unet_linear_name(const sd_unet *u, int i);
 
 /* ==== samplers (lib/models/sampler.c) ==== */
 
@@ -1425,5 +1500,127 @@ int sd_grad_zero(sd_tensor *const *grads, int n);
  * before clipping.  NULL grads are skipped.
  */
 int sd_clip_grad_norm(float *total_norm, sd_tensor *const *grads, int n, float max_norm);
+
+/* ==== training step (lib/train/step.c) ==== */
+
+/*
+ * The training state of one LoRA adapter, pointed to by a model's linear (sd_clip_linear.train,
+ * sd_vae_conv.train, sd_unet_linear.train): where the model backwards add its gradients, and its
+ * dropout.  With dropout p > 0 the training forwards apply PEFT's dropout on the adapter's input with
+ * the mask sd_dropout_mask(p, seed, sd_dropout_stream(*step, id, 0)), and the backwards regenerate the
+ * same mask (nothing is stored; a checkpointed recompute sees it too).  Inference (sd_*_encode,
+ * sd_unet_forward) never sets it.
+ */
+typedef struct sd_lora_train {
+	sd_tensor *da, *db;    // (r, I), (O, r): += by the backwards; NULL: this adapter is not trained
+	float dropout;         // lora_dropout p in [0, 1)
+	uint64_t seed;         // the dropout masks' seed
+	const uint64_t *step;  // the trainer's micro-step counter (NULL: step 0)
+	uint32_t id;           // the adapter's index in the trainer (distinct streams)
+} sd_lora_train;
+
+/* A LoRA linear in training: out (…, O) = x·wᵀ + b + l->scale·((x ⊙ mask)·Aᵀ)·Bᵀ with t's mask (t NULL or
+ * p = 0: sd_lora_linear_forward).  ax (…, r) scratch as there. */
+int sd_lora_train_forward(sd_tensor *out, sd_tensor *ax, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b,
+                          const sd_lora_layer *l, const sd_lora_train *t);
+/* Its backward: dx (…, I) (acc; NULL: not needed) from dy (…, O) through w and the adapter; t->da, t->db
+ * += (when t and they are set).  x·Aᵀ is recomputed (the forward's scratch is shared). */
+int sd_lora_train_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *x, const sd_tensor *w,
+                           const sd_lora_layer *l, const sd_lora_train *t, int acc);
+
+/* Components a trainer puts LoRA on (bit flags for sd_train_config.train). */
+enum { SD_TRAIN_UNET = 1, SD_TRAIN_TEXT = 2, SD_TRAIN_VAE = 4 };
+
+/*
+ * What one training run does (diffusers' train_text_to_image_lora.py with PEFT adapters): the study's
+ * recipe from sd_train_defaults (rank 8, alpha 16, dropout 0.05, targets UNet to_q/to_v (+query/value),
+ * CLIP q_proj/v_proj, VAE to_q/to_k/to_v; Adam lr 1e-4, weight decay 0; epsilon MSE).  Targets follow
+ * PEFT's target_modules: a module matches when its name is the target or ends with "." + target.
+ */
+typedef struct sd_train_config {
+	int train;                      // SD_TRAIN_* flags: components whose adapters are trained
+	const char *const *targets[3];  // per component [SD_TEXT_ENCODER, SD_VAE, SD_UNET]: NULL-terminated
+	                                // module names (NULL = the study's)
+	int rank;
+	float alpha;                    // scale = alpha / rank
+	float dropout;
+	uint64_t seed;                  // adapter init (PEFT: A Kaiming-uniform(a=√5), B = 0) and dropout masks
+	sd_optim_config optim;
+	float max_grad_norm;            // > 0: clip_grad_norm_ before the step; 0: no clipping
+	int v_prediction;               // target = get_velocity(latents, noise) instead of the noise
+	float min_snr_gamma;            // > 0: min-SNR-γ loss weights
+	int checkpointing;              // recompute each UNet block's forward in the backward
+	int clip_skip;                  // A1111's (0/1 = the last layer)
+	const char *sched_json;         // scheduler_config.json (betas); NULL = SD 1.x's
+} sd_train_config;
+
+void sd_train_defaults(sd_train_config *c);
+
+/* One batch.  Either pixels (N,3,H,W) in [-1,1] with eps_posterior (N,4,H/8,W/8) (the posterior's noise:
+ * latents = sf·(mean + std·eps)), or latents (N,4,h,w) already scaled (cached when the VAE is frozen).
+ * input_ids (N,L) i32/i64 (L ≤ 77, the study pads to the longest), timesteps N integers in [0, 1000),
+ * noise like the latents.  CPU tensors. */
+typedef struct sd_train_batch {
+	const sd_tensor *pixels, *eps_posterior, *latents;
+	const sd_tensor *input_ids;
+	const int64_t *timesteps;
+	const sd_tensor *noise;
+} sd_train_batch;
+
+typedef struct sd_trainer sd_trainer;
+
+/*
+ * A trainer over built models (borrowed; a component not trained may be NULL when the batches do not
+ * need it: the VAE with cached latents).  Creates one adapter (rank, alpha/rank, dropout) per targeted
+ * linear of every component in c->train, attached unmerged to the models (which must carry no other
+ * adapter on those linears), their gradients and the optimizer.  The VAE's decoder-side adapters are
+ * created (PEFT targets them too) but get no gradient from the diffusion loss: the optimizer skips
+ * them, as torch skips params whose .grad is None.  NULL with a message on failure.
+ */
+sd_trainer *sd_trainer_new(const sd_train_config *c, sd_unet *u, sd_clip *te, sd_vae *vae);
+/* Detaches the adapters from the models and frees everything the trainer made. */
+void sd_trainer_free(sd_trainer *t);
+
+/* The trainable parameters, in the optimizer's order (UNet, text encoder, VAE), named as PEFT's state
+ * dict with the component first: "unet.<module>.lora_A.weight" / ".lora_B.weight",
+ * "text_encoder.text_model.…", "vae.encoder.mid_block.attentions.0.to_q.lora_A.weight".  Tensors on
+ * the models' device, owned by the trainer (set them to load an adapter); grad NULL when the parameter
+ * gets no gradient (decoder-side VAE adapters). */
+int sd_trainer_param_count(const sd_trainer *t);
+const char *sd_trainer_param_name(const sd_trainer *t, int i);
+sd_tensor *sd_trainer_param(sd_trainer *t, int i);
+const sd_tensor *sd_trainer_grad(const sd_trainer *t, int i);
+int sd_trainer_find(const sd_trainer *t, const char *name); /* -1 when absent */
+sd_optim *sd_trainer_optim(sd_trainer *t);
+/* Training mode on (the default: adapters' dropout active, recorded forwards) or off (inference with the
+ * adapters, e.g. preview images: the models' ordinary forwards, no dropout). */
+int sd_trainer_set_training(sd_trainer *t, int on);
+
+/*
+ * One optimizer step on one batch: zero the gradients, sd_trainer_accumulate(batch, 1), clip when
+ * max_grad_norm > 0, optimizer step.  *loss (may be NULL) the batch's loss; the gradients stay readable
+ * until the next step.  Steps count from 0 (the dropout masks' step).
+ */
+int sd_train_step(sd_trainer *t, const sd_train_batch *b, double *loss);
+/*
+ * The parts of a step, for gradient accumulation: add gscale·dLoss/dparam of one batch to the gradients
+ * (a forward recorded for the backward, or checkpointed); then sd_trainer_apply clips and steps the
+ * optimizer; sd_trainer_zero_grad zeroes.  Each accumulate advances the micro-step (dropout masks).
+ *   latents = sf·(mean + std·eps) (VAE recorded when trained, else encoded without recording, or given)
+ *   noisy = √ᾱ_t·latents + √(1−ᾱ_t)·noise;  ehs = CLIP(ids) (recorded when trained)
+ *   pred = UNet(noisy, t, ehs) (recorded);  loss = mse(pred, noise or v) (min-SNR weights optional)
+ * and the backward through the UNet into ehs and the latents, through CLIP and the VAE encoder.
+ */
+int sd_trainer_accumulate(sd_trainer *t, const sd_train_batch *b, float gscale, double *loss);
+int sd_trainer_apply(sd_trainer *t);
+int sd_trainer_zero_grad(sd_trainer *t);
+/* The total gradient norm of the last sd_trainer_apply (before clipping, as clip_grad_norm_ returns it). */
+float sd_trainer_grad_norm(const sd_trainer *t);
+/* The last accumulate's tensors (CPU copies owned by the trainer, NULL before the first):
+ * "latents", "noisy_latents", "encoder_hidden_states", "model_pred". */
+const sd_tensor *sd_trainer_last(const sd_trainer *t, const char *what);
+/* Bytes of activation memory of the last accumulate (the recorded/checkpointed forward's arena plus the
+ * backward's scratch), for reports. */
+size_t sd_trainer_peak_bytes(const sd_trainer *t);
 
 #endif

@@ -29,6 +29,7 @@ struct sd_clip {
 	const sd_tensor *final_w, *final_b; // (D)
 	sd_clip_layer *layer;       // [layers]
 	sd_arena *arena;            // sd_clip_encode's scratch, reset per call
+	sd_arena *bw, *bws;         // sd_clip_backward's gradients and per-layer scratch
 	void *rec;                  // host memory of the last sd_clip_encode_record (headers, arrays)
 };
 
@@ -50,8 +51,10 @@ int sd_clip_embed_forward(sd_tensor *out, const sd_tensor *ids, const sd_tensor 
 	return sd_add(out, out, &pos, 1.0f, 1.0f);
 }
 
-/* A linear with its LoRA adapter, when one is set (lora.c; act->lora is the adapter's scratch). */
-#define LINEAR(out, x, l) sd_lora_linear_forward((out), (x), (l).w, (l).b, (l).lora, act->lora)
+/* A linear with its LoRA adapter, when one is set (lora.c; act->lora is the adapter's scratch); in
+ * training (l.train set) with the adapter's dropout (train/step.c). */
+#define LINEAR(out, x, l) ((l).train ? sd_lora_train_forward((out), act->lora, (x), (l).w, (l).b, (l).lora, (l).train) \
+                                     : sd_lora_linear_forward((out), (x), (l).w, (l).b, (l).lora, act->lora))
 
 int sd_clip_layer_forward(sd_tensor *out, const sd_clip_layer_act *act, const sd_tensor *x,
                           const sd_clip_layer *p, const sd_clip_config *cfg)
@@ -71,6 +74,50 @@ int sd_clip_layer_forward(sd_tensor *out, const sd_clip_layer_act *act, const sd
 	TRY(sd_act(act->a, act->h, cfg->act));
 	TRY(LINEAR(act->tmp, act->a, p->fc2));
 	return sd_add(out, act->res1, act->tmp, 1.0f, 1.0f);
+}
+
+/* A scratch tensor like `like` with the last dimension d (0: like's), from the arena. */
+static sd_tensor *tmp_like(sd_arena *a, const sd_tensor *like, int64_t d)
+{
+	sd_tensor *t = sd_arena_alloc(a, sizeof *t);
+	if (!t) return NULL;
+	*t = *like;
+	t->owns = 0;
+	t->aux = NULL;
+	t->aux_free = NULL;
+	if (d) t->shape[t->ndim - 1] = d;
+	size_t bytes = sd_tensor_nbytes(t);
+	return (t->data = sd_arena_alloc(a, bytes ? bytes : 1)) ? t : NULL;
+}
+
+/* The backward of a linear of the layer (frozen weight, the adapter's gradients when it is trained). */
+#define LINEAR_BACK(dx, dy, x, l, acc) sd_lora_train_backward((dx), (dy), (x), (l).w, (l).lora, (l).train, (acc))
+
+int sd_clip_layer_backward(sd_tensor *dx, const sd_tensor *dout, const sd_clip_layer_act *act, const sd_tensor *x,
+                           const sd_clip_layer *p, const sd_clip_config *cfg, sd_arena *s, int acc)
+{
+	// dout (N,L,D) → dx (N,L,D); act as sd_clip_encode_record leaves it
+	const float scale = (float)(1.0 / sqrt((double)(cfg->hidden / cfg->heads)));
+	sd_tensor *dres = tmp_like(s, dout, 0), *da = tmp_like(s, act->a, 0), *dh = tmp_like(s, act->h, 0);
+	sd_tensor *dln = tmp_like(s, dout, 0), *dq = tmp_like(s, dout, 0), *dk = tmp_like(s, dout, 0);
+	sd_tensor *dv = tmp_like(s, dout, 0), *datt = tmp_like(s, dout, 0);
+	if (!dres || !da || !dh || !dln || !dq || !dk || !dv || !datt) return -1;
+	/* MLP block: out = res1 + fc2(act(fc1(ln2(res1)))) */
+	TRY(sd_tensor_copy(dres, dout));
+	TRY(LINEAR_BACK(da, dout, act->a, p->fc2, 0));
+	TRY(sd_act_backward(dh, da, act->h, cfg->act, 0));
+	TRY(LINEAR_BACK(dln, dh, act->ln2, p->fc1, 0));
+	TRY(sd_layer_norm_backward(dres, NULL, NULL, dln, act->res1, p->ln2_w, cfg->eps, 1));
+	/* attention block: res1 = x + out_proj(attn(q(ln1), k(ln1), v(ln1))) */
+	TRY(LINEAR_BACK(datt, dres, act->att, p->o, 0));
+	TRY(sd_attention_backward(dq, dk, dv, datt, act->q, act->k, act->v, act->probs, cfg->heads, scale, 1, 0));
+	TRY(LINEAR_BACK(dln, dq, act->ln1, p->q, 0));
+	TRY(LINEAR_BACK(dln, dk, act->ln1, p->k, 1));
+	TRY(LINEAR_BACK(dln, dv, act->ln1, p->v, 1));
+	if (!dx) return 0;
+	if (acc) TRY(sd_add(dx, dx, dres, 1.0f, 1.0f));
+	else TRY(sd_tensor_copy(dx, dres));
+	return sd_layer_norm_backward(dx, NULL, NULL, dln, x, p->ln1_w, cfg->eps, 1);
 }
 
 /* ==== building the encoder from weights ==== */
@@ -241,6 +288,8 @@ void sd_clip_free(sd_clip *c)
 	free(c->layer);
 	free(c->rec);
 	sd_arena_free(c->arena);
+	sd_arena_free(c->bw);
+	sd_arena_free(c->bws);
 	free(c);
 }
 
@@ -472,4 +521,39 @@ int sd_clip_encode_record(sd_clip *c, sd_clip_act *act, sd_arena *a, const sd_te
 	for (int l = 0; l < nl; l++)
 		TRY(sd_clip_layer_forward(act->hidden[l + 1], &act->layer[l], act->hidden[l], &c->layer[l], g));
 	return sd_layer_norm(act->out, act->hidden[nl], c->final_w, c->final_b, g->eps);
+}
+
+int sd_clip_backward(sd_clip *c, const sd_clip_act *act, const sd_tensor *dout)
+{
+	const sd_clip_config *g = &c->cfg;
+	const int nl = act->nlayers;
+	if (!act->out || !act->hidden || nl < 1) return sd_seterr("text_encoder: backward: no recorded forward");
+	if (!sd_tensor_same_shape(dout, act->out) || dout->device != c->dev)
+		return sd_seterr("text_encoder: backward: dout must be shaped as the output, on the encoder's device");
+	/* the earliest layer with a trained adapter: nothing before it needs a gradient */
+	int first = nl;
+	for (int l = 0; l < nl && first == nl; l++) {
+		const sd_clip_layer *p = &c->layer[l];
+		const sd_clip_linear *ls[] = {&p->q, &p->k, &p->v, &p->o, &p->fc1, &p->fc2};
+		for (int k = 0; k < 6; k++)
+			if (ls[k]->train) first = l;
+	}
+	if (first == nl) return 0;
+	if (!c->bw && !(c->bw = sd_arena_new(c->dev, 0))) return -1;
+	sd_arena *s = c->bw;
+	sd_arena_reset(s);
+	/* two gradient buffers of the residual stream, used in turn, outside the per-layer scratch */
+	sd_tensor gh[2];
+	for (int i = 0; i < 2; i++)
+		if (!mk(&gh[i], s, c->dev, SD_DTYPE_F32, 3, dout->shape[0], dout->shape[1], dout->shape[2], 0)) return -1;
+	if (!c->bws && !(c->bws = sd_arena_new(c->dev, 0))) return -1;
+	TRY(sd_layer_norm_backward(&gh[nl & 1], NULL, NULL, dout, act->hidden[nl], c->final_w, g->eps, 0));
+	for (int l = nl - 1; l >= first; l--) {
+		sd_arena_reset(c->bws);
+		sd_tensor *dx = l > first ? &gh[l & 1] : NULL;
+		if (sd_clip_layer_backward(dx, &gh[(l + 1) & 1], &act->layer[l], act->hidden[l], &c->layer[l], g, c->bws, 0))
+			return sd_preerr("text_encoder: layer %d backward", l);
+	}
+	sd_arena_reset(c->bws);
+	return 0;
 }

@@ -32,6 +32,11 @@
 /* out = x·wᵀ + b, plus the LoRA term when an adapter is set (lora: scratch of ≥ rows·r floats). */
 static int linear(sd_tensor *out, const sd_tensor *x, const sd_unet_linear *p, const sd_tensor *lora)
 {
+	if (p->train && p->lora_a) { /* training: the adapter's dropout (train/step.c) */
+		const sd_lora_layer l = {p->lora_a, p->lora_b, p->lora_scale, 0};
+		if (!lora) return sd_seterr("unet: LoRA adapter without scratch");
+		return sd_lora_train_forward(out, (sd_tensor *)lora, x, p->w, p->b, &l, p->train);
+	}
 	if (sd_linear(out, x, p->w, p->b)) return -1;
 	if (!p->lora_a) return 0;
 	if (!lora || !p->lora_b || p->lora_a->ndim != 2 || p->lora_b->ndim != 2 ||
@@ -117,6 +122,114 @@ int sd_unet_transformer_forward(sd_tensor *out, const sd_unet_transformer_act *a
 	return sd_add(out, out, x, 1.0f, 1.0f);
 }
 
+/* ==== block backwards ==== */
+
+/* A scratch tensor shaped like `like` (last dimension d when d > 0) from the arena. */
+static sd_tensor *tmp_like(sd_arena *a, const sd_tensor *like, int64_t d)
+{
+	sd_tensor *t = sd_arena_alloc(a, sizeof *t);
+	if (!t) return NULL;
+	*t = *like;
+	t->owns = 0;
+	t->aux = NULL;
+	t->aux_free = NULL;
+	if (d > 0) t->shape[t->ndim - 1] = d;
+	size_t bytes = sd_tensor_nbytes(t);
+	return (t->data = sd_arena_alloc(a, bytes ? bytes : 1)) ? t : NULL;
+}
+
+/* dx (acc) from dy through a linear: frozen w, the adapter's gradients when it is trained. */
+static int linear_back(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *x, const sd_unet_linear *p, int acc)
+{
+	const sd_lora_layer l = {p->lora_a, p->lora_b, p->lora_scale, 0};
+	return sd_lora_train_backward(dx, dy, x, p->w, p->lora_a ? &l : NULL, p->train, acc);
+}
+
+/* dxq (acc) and dxkv (+=, NULL: not wanted; == dxq for self-attention) from dout (N,Lq,Dq). */
+static int attn_backward(sd_tensor *dxq, sd_tensor *dxkv, const sd_tensor *dout, const sd_unet_attn_act *a,
+                         const sd_tensor *xq, const sd_tensor *xkv, const sd_unet_attn *p, sd_arena *s, int acc)
+{
+	int self = dxkv == dxq, kv = self || dxkv || p->k.train || p->v.train;
+	sd_tensor *d_o = tmp_like(s, a->o, 0), *dq = tmp_like(s, a->q, 0);
+	sd_tensor *dk = kv ? tmp_like(s, a->k, 0) : NULL, *dv = kv ? tmp_like(s, a->v, 0) : NULL;
+	if (!d_o || !dq || (kv && (!dk || !dv))) return -1;
+	float scale = (float)(1.0 / sqrt((double)p->dim_head));
+	if (linear_back(d_o, dout, a->o, &p->out, 0) ||
+	    sd_attention_backward(dq, dk, dv, d_o, a->q, a->k, a->v, a->probs, p->heads, scale, 0, 0) ||
+	    linear_back(dxq, dq, xq, &p->q, acc))
+		return -1;
+	if (!kv) return 0;
+	return linear_back(dxkv, dk, xkv, &p->k, 1) || linear_back(dxkv, dv, xkv, &p->v, 1) ? -1 : 0;
+}
+
+int sd_unet_resnet_backward(sd_tensor *dx, const sd_tensor *dout, const sd_unet_resnet_act *a, const sd_tensor *x,
+                            const sd_unet_resnet *p, int groups, float eps, sd_arena *s, int acc)
+{
+	// out = (shortcut(x) + conv2(h2)) / out_scale, h2 = silu(norm2(conv1(silu(norm1(x))) + tp))
+	const sd_tensor *g = dout;
+	if (p->out_scale != 1.0f) {
+		sd_tensor *gs = tmp_like(s, dout, 0);
+		if (!gs || sd_scale(gs, dout, 1.0f / p->out_scale)) return -1;
+		g = gs;
+	}
+	sd_tensor *dh2 = tmp_like(s, dout, 0), *da1 = tmp_like(s, dout, 0), *dh1 = tmp_like(s, x, 0);
+	if (!dh2 || !da1 || !dh1) return -1;
+	if (sd_conv2d_backward(dh2, g, p->conv2.w, 1, 1, 1, 1, 1, 0) ||
+	    sd_group_norm_backward(da1, NULL, NULL, dh2, a->a1, groups, p->norm2_w, p->norm2_b, eps, 1, 0) ||
+	    sd_conv2d_backward(dh1, da1, p->conv1.w, 1, 1, 1, 1, 1, 0))
+		return -1;
+	if (!dx) return 0;
+	if (p->shortcut.w) {
+		if (sd_conv2d_backward(dx, g, p->shortcut.w, 1, 0, 0, 0, 0, acc)) return -1;
+	} else if (acc ? sd_add(dx, dx, g, 1.0f, 1.0f) : sd_tensor_copy(dx, g))
+		return -1;
+	return sd_group_norm_backward(dx, NULL, NULL, dh1, x, groups, p->norm1_w, p->norm1_b, eps, 1, 1);
+}
+
+int sd_unet_tblock_backward(sd_tensor *dx, sd_tensor *dctx, const sd_tensor *dout, const sd_unet_tblock_act *a,
+                            const sd_tensor *x, const sd_tensor *ctx, const sd_unet_tblock *p, sd_arena *s, int acc)
+{
+	// out = r2 + ff(ln3(r2)), r2 = r1 + attn2(ln2(r1), ctx), r1 = x + attn1(ln1(x))
+	sd_tensor *dr = tmp_like(s, dout, 0), *dffg = tmp_like(s, a->ffg, 0), *dffh = tmp_like(s, a->ffh, 0);
+	sd_tensor *dln = tmp_like(s, dout, 0);
+	if (!dr || !dffg || !dffh || !dln) return -1;
+	/* feed-forward: dr = dout + norm3ᵀ(ff1ᵀ(gegluᵀ(ff2ᵀ dout))) */
+	if (sd_tensor_copy(dr, dout) || linear_back(dffg, dout, a->ffg, &p->ff2, 0) ||
+	    sd_geglu_backward(dffh, dffg, a->ffh, 0) || linear_back(dln, dffh, a->ln3, &p->ff1, 0) ||
+	    sd_layer_norm_backward(dr, NULL, NULL, dln, a->r2, p->ln3_w, BLOCK_NORM_EPS, 1))
+		return -1;
+	/* cross-attention: dr (now dr1) += norm2ᵀ(attn2ᵀ dr); the context's gradient into dctx */
+	if (attn_backward(dln, dctx, dr, &a->a2, a->ln2, ctx, &p->attn2, s, 0) ||
+	    sd_layer_norm_backward(dr, NULL, NULL, dln, a->r1, p->ln2_w, BLOCK_NORM_EPS, 1))
+		return -1;
+	/* self-attention: dx = dr + norm1ᵀ(attn1ᵀ dr) */
+	if (attn_backward(dln, dln, dr, &a->a1, a->ln1, a->ln1, &p->attn1, s, 0)) return -1;
+	if (!dx) return 0;
+	if (acc ? sd_add(dx, dx, dr, 1.0f, 1.0f) : sd_tensor_copy(dx, dr)) return -1;
+	return sd_layer_norm_backward(dx, NULL, NULL, dln, x, p->ln1_w, BLOCK_NORM_EPS, 1);
+}
+
+int sd_unet_transformer_backward(sd_tensor *dx, sd_tensor *dctx, const sd_tensor *dout,
+                                 const sd_unet_transformer_act *a, const sd_tensor *x, const sd_tensor *ctx,
+                                 const sd_unet_transformer *p, int groups, sd_arena *s, int acc)
+{
+	// out = x + nchw(proj_out(blocks(proj_in(nlc(norm(x))))))
+	sd_tensor *dp = tmp_like(s, a->p, 0), *dh = tmp_like(s, a->h[p->nlayers], 0);
+	if (!dp || !dh || sd_nlc_to_nchw_backward(dp, dout, 0) || linear_back(dh, dp, a->h[p->nlayers], &p->proj_out, 0))
+		return -1;
+	for (int k = p->nlayers - 1; k >= 0; k--) {
+		sd_tensor *d = tmp_like(s, a->h[k], 0);
+		if (!d || sd_unet_tblock_backward(d, dctx, dh, &a->blk[k], a->h[k], ctx, &p->blk[k], s, 0)) return -1;
+		dh = d;
+	}
+	if (!dx) return 0;
+	sd_tensor *dnl = tmp_like(s, a->nl, 0), *dn = tmp_like(s, a->n, 0);
+	if (!dnl || !dn || linear_back(dnl, dh, a->nl, &p->proj_in, 0) || sd_nchw_to_nlc_backward(dn, dnl, 0) ||
+	    (acc ? sd_add(dx, dx, dout, 1.0f, 1.0f) : sd_tensor_copy(dx, dout)))
+		return -1;
+	return sd_group_norm_backward(dx, NULL, NULL, dn, x, groups, p->norm_w, p->norm_b, TRANSFORMER_NORM_EPS, 0, 1);
+}
+
 /* ==== the model ==== */
 
 struct sd_unet {
@@ -153,6 +266,9 @@ struct sd_unet {
 	sd_unet_resnet_act *rec_res;
 	sd_unet_transformer_act *rec_tr;
 	sd_tensor **rec_ptrs;
+	/* sd_unet_backward: skip gradients, the flowing gradient (two, in turn), per-layer scratch, and the
+	 * checkpointed recompute of one block */
+	sd_arena *bkeep, *bflow[2], *bscr, *brc;
 };
 
 /* ---- weights ---- */
@@ -714,6 +830,11 @@ void sd_unet_free(sd_unet *u)
 	free(u->rec_res);
 	free(u->rec_tr);
 	free(u->rec_ptrs);
+	sd_arena_free(u->bkeep);
+	sd_arena_free(u->bflow[0]);
+	sd_arena_free(u->bflow[1]);
+	sd_arena_free(u->bscr);
+	sd_arena_free(u->brc);
 	free(u);
 }
 
@@ -749,6 +870,16 @@ sd_unet_linear *sd_unet_find_linear(sd_unet *u, const char *module)
 	return NULL;
 }
 
+int sd_unet_linear_count(const sd_unet *u)
+{
+	return u->nlin;
+}
+
+const char *sd_unet_linear_name(const sd_unet *u, int i)
+{
+	return i >= 0 && i < u->nlin ? u->lin[i].name : NULL;
+}
+
 size_t sd_unet_peak_bytes(const sd_unet *u)
 {
 	return u->peak;
@@ -768,6 +899,7 @@ typedef struct run {
 	sd_unet *u;
 	sd_arena *keep;
 	int rec;          /* every activation its own tensor in keep; nothing reset */
+	int ckpt;         /* with rec: only the layer outputs are kept, a layer's internals (TMP) are not */
 	sd_unet_act *act; /* where the recorded forward writes, or NULL */
 	int hook;
 } run;
@@ -791,7 +923,8 @@ static sd_tensor *hdr(run *r, void *data, int64_t N, int64_t C, int64_t H, int64
 static sd_tensor *tnew(run *r, int where, int64_t N, int64_t C, int64_t H, int64_t W)
 {
 	sd_unet *u = r->u;
-	sd_arena *a = r->rec || where == KEEP ? r->keep : where == TMP ? u->tmp : u->flow[u->fi];
+	sd_arena *a = (r->rec && !(r->ckpt && where == TMP)) || where == KEEP ? r->keep : where == TMP ? u->tmp
+	                                                                                             : u->flow[u->fi];
 	int64_t n = N * C * (H > 0 ? H : 1) * (W > 0 ? W : 1);
 	void *p = sd_arena_alloc(a, (size_t)(n > 0 ? n : 1) * sizeof(float));
 	return p ? hdr(r, p, N, C, H, W) : NULL;
@@ -816,7 +949,7 @@ static void layer_done(run *r)
 {
 	size_t b = live_bytes(r);
 	if (b > r->u->peak) r->u->peak = b;
-	if (!r->rec) sd_arena_reset(r->u->tmp);
+	if (!r->rec || r->ckpt) sd_arena_reset(r->u->tmp);
 }
 
 static void hook(run *r, const char *name, const sd_tensor *t)
@@ -846,6 +979,7 @@ static sd_tensor *resnet(run *r, int i, const sd_tensor *x, const sd_tensor *tem
 		    (p->shortcut.w && !(a.sc = tnew(r, TMP, N, co, H, W))))
 			return NULL;
 		r->act->res[i] = a;
+		if (r->ckpt) memset(&r->act->res[i], 0, sizeof a);
 		r->act->res_in[i] = (sd_tensor *)x;
 		r->act->res_out[i] = out;
 	} else {
@@ -942,6 +1076,7 @@ static sd_tensor *transformer(run *r, int i, const sd_tensor *x, const sd_tensor
 	}
 	if (r->rec) {
 		r->act->tr[i] = a;
+		if (r->ckpt) memset(&r->act->tr[i], 0, sizeof a);
 		r->act->tr_in[i] = (sd_tensor *)x;
 		r->act->tr_out[i] = out;
 	} else {
@@ -1175,7 +1310,7 @@ static int forward(run *r, sd_tensor *eps, const sd_tensor *latent, const float 
 			sd_tensor *y = tnew(r, FLOW, N, C_(x), H_(s), W_(s));
 			if (!up || !y || resize_nearest(up, x) || sd_conv2d(y, up, u->up[i].w, u->up[i].b, 1, 1, 1, 1, 1))
 				return sd_preerr("unet: upsampler %d", i);
-			if (r->act) r->act->up[i] = up, r->act->upconv[i] = y;
+			if (r->act) r->act->up[i] = r->ckpt ? NULL : up, r->act->upconv[i] = y;
 			x = y;
 			layer_done(r);
 		}
@@ -1196,10 +1331,10 @@ static int forward(run *r, sd_tensor *eps, const sd_tensor *latent, const float 
 	} else if (sd_group_norm(n, x, c->groups, u->norm_out_w, u->norm_out_b, c->eps, 1))
 		return sd_preerr("unet: conv_norm_out");
 	int kout = c->conv_out_kernel / 2;
-	y = eps && eps->device == u->dev ? eps : tnew(r, TMP, N, c->out_channels, H, W);
+	y = eps && eps->device == u->dev ? eps : tnew(r, r->ckpt ? KEEP : TMP, N, c->out_channels, H, W);
 	if (!y || sd_conv2d(y, a, u->conv_out.w, u->conv_out.b, 1, kout, kout, kout, kout)) return sd_preerr("unet: conv_out");
 	hook(r, "conv_out", y);
-	if (r->act) r->act->norm_out = n, r->act->act_out = a, r->act->out = y;
+	if (r->act) r->act->norm_out = r->ckpt ? NULL : n, r->act->act_out = r->ckpt ? NULL : a, r->act->out = y;
 	if (eps && y != eps && sd_tensor_copy(eps, y)) return -1;
 	layer_done(r);
 	return 0;
@@ -1233,8 +1368,8 @@ int sd_unet_forward(sd_unet *u, sd_arena *a, sd_tensor *eps, const sd_tensor *la
 	return rc;
 }
 
-int sd_unet_forward_record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent, const float *t,
-                           int nt, const sd_tensor *context)
+static int record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent, const float *t, int nt,
+                  const sd_tensor *context, int ckpt)
 {
 	run r;
 	if (!act || !a) return sd_seterr("unet: record: no activation struct or arena");
@@ -1259,7 +1394,336 @@ int sd_unet_forward_record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_t
 	act->tr_in = act->res_out + u->nres;
 	act->tr_out = act->tr_in + u->ntr;
 	r.rec = 1;
+	r.ckpt = ckpt;
 	r.act = act;
 	r.hook = u->hook != NULL;
-	return forward(&r, NULL, latent, t, nt, context);
+	act->checkpointed = ckpt;
+	int rc = forward(&r, NULL, latent, t, nt, context);
+	if (ckpt) {
+		sd_arena_reset(u->tmp);
+		for (int i = 0; i < u->nres; i++) /* the up blocks' inputs (concatenations) were not kept */
+			if (i >= u->mid_res + (u->cfg.mid_attn ? 2 : 0)) act->res_in[i] = NULL;
+	}
+	return rc;
+}
+
+int sd_unet_forward_record(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent, const float *t,
+                           int nt, const sd_tensor *context)
+{
+	return record(u, act, a, latent, t, nt, context, 0);
+}
+
+int sd_unet_forward_checkpointed(sd_unet *u, sd_unet_act *act, sd_arena *a, const sd_tensor *latent,
+                                 const float *t, int nt, const sd_tensor *context)
+{
+	return record(u, act, a, latent, t, nt, context, 1);
+}
+
+/* ==== the whole backward ==== */
+
+/* A tensor of the given shape (ndim 2..4) on like's device, from the arena. */
+static sd_tensor *anew(sd_arena *a, const sd_tensor *like, int nd, int64_t d0, int64_t d1, int64_t d2, int64_t d3)
+{
+	sd_tensor *h = sd_arena_alloc(a, sizeof *h);
+	if (!h) return NULL;
+	memset(h, 0, sizeof *h);
+	h->dtype = SD_DTYPE_F32;
+	h->device = like->device;
+	h->ndim = nd;
+	int64_t sh[4] = {d0, d1, d2, d3};
+	memcpy(h->shape, sh, sizeof sh);
+	size_t bytes = sd_tensor_nbytes(h);
+	return (h->data = sd_arena_alloc(a, bytes ? bytes : 1)) ? h : NULL;
+}
+
+/* Resnet i's activations on x recomputed into the arena (a checkpointed backward). */
+static int recompute_resnet(sd_unet *u, const sd_unet_act *act, int i, const sd_tensor *x, sd_unet_resnet_act *ra,
+                            sd_arena *a)
+{
+	const sd_unet_resnet *p = &u->res[i];
+	int64_t N = N_(x), H = H_(x), W = W_(x), ci = p->cin, co = p->cout;
+	memset(ra, 0, sizeof *ra);
+	sd_tensor *out;
+	if (!(ra->n1 = anew(a, x, 4, N, ci, H, W)) || !(ra->h1 = anew(a, x, 4, N, ci, H, W)) ||
+	    !(ra->tp = anew(a, x, 2, N, co, 0, 0)) || !(ra->a1 = anew(a, x, 4, N, co, H, W)) ||
+	    !(ra->n2 = anew(a, x, 4, N, co, H, W)) || !(ra->h2 = anew(a, x, 4, N, co, H, W)) ||
+	    (p->shortcut.w && !(ra->sc = anew(a, x, 4, N, co, H, W))) || !(out = anew(a, x, 4, N, co, H, W)))
+		return -1;
+	return sd_unet_resnet_forward(out, ra, x, act->temb_act, p, u->cfg.groups, u->cfg.eps);
+}
+
+static int recompute_attn(sd_unet_attn_act *b, const sd_unet_attn *p, sd_arena *a, const sd_tensor *x, int64_t N,
+                          int64_t Lq, int64_t Lk, int64_t I)
+{
+	int rank = lora_rank(p);
+	return !(b->q = anew(a, x, 3, N, Lq, I, 0)) || !(b->k = anew(a, x, 3, N, Lk, I, 0)) ||
+	               !(b->v = anew(a, x, 3, N, Lk, I, 0)) || !(b->probs = anew(a, x, 4, N, p->heads, Lq, Lk)) ||
+	               !(b->o = anew(a, x, 3, N, Lq, I, 0)) || (rank && !(b->lora = anew(a, x, 3, N, Lq > Lk ? Lq : Lk, rank, 0)))
+	           ? -1
+	           : 0;
+}
+
+/* Transformer i's activations on x recomputed into the arena. */
+static int recompute_transformer(sd_unet *u, int i, const sd_tensor *x, const sd_tensor *ctx,
+                                 sd_unet_transformer_act *ta, sd_arena *a)
+{
+	const sd_unet_transformer *p = &u->tr[i];
+	int64_t N = N_(x), C = C_(x), H = H_(x), W = W_(x), L = H * W, I = p->inner, Lc = ctx->shape[1];
+	memset(ta, 0, sizeof *ta);
+	sd_tensor *out;
+	if (!(ta->n = anew(a, x, 4, N, C, H, W)) || !(ta->nl = anew(a, x, 3, N, L, C, 0)) ||
+	    !(ta->h[0] = anew(a, x, 3, N, L, I, 0)) || !(ta->p = anew(a, x, 3, N, L, C, 0)) ||
+	    !(out = anew(a, x, 4, N, C, H, W)))
+		return -1;
+	for (int k = 0; k < p->nlayers; k++) {
+		sd_unet_tblock_act *b = &ta->blk[k];
+		const sd_unet_tblock *pb = &p->blk[k];
+		if (!(b->ln1 = anew(a, x, 3, N, L, I, 0)) || recompute_attn(&b->a1, &pb->attn1, a, x, N, L, L, I) ||
+		    !(b->r1 = anew(a, x, 3, N, L, I, 0)) || !(b->ln2 = anew(a, x, 3, N, L, I, 0)) ||
+		    recompute_attn(&b->a2, &pb->attn2, a, x, N, L, Lc, I) || !(b->r2 = anew(a, x, 3, N, L, I, 0)) ||
+		    !(b->ln3 = anew(a, x, 3, N, L, I, 0)) || !(b->ffh = anew(a, x, 3, N, L, 8 * I, 0)) ||
+		    !(b->ffg = anew(a, x, 3, N, L, 4 * I, 0)) || !(b->tmp = anew(a, x, 3, N, L, I, 0)) ||
+		    !(ta->h[k + 1] = anew(a, x, 3, N, L, I, 0)))
+			return -1;
+	}
+	return sd_unet_transformer_forward(out, ta, x, ctx, p, u->cfg.groups);
+}
+
+/* The backward of resize_nearest: each source pixel gets the sum of the gradients of its copies. */
+static int resize_nearest_backward(sd_tensor *dx, const sd_tensor *dy)
+{
+	if (H_(dy) == 2 * H_(dx) && W_(dy) == 2 * W_(dx)) return sd_upsample2x_backward(dx, dy, 0);
+	if (dx->device != SD_DEVICE_CPU) return sd_seterr("unet: backward of an odd-sized resize is only on the cpu");
+	int64_t P = N_(dx) * C_(dx), h = H_(dx), w = W_(dx), Ho = H_(dy), Wo = W_(dy);
+	const float *s = dy->data;
+	float *d = dx->data;
+	memset(d, 0, (size_t)(P * h * w) * sizeof *d);
+	for (int64_t p = 0; p < P; p++)
+		for (int64_t y = 0; y < Ho; y++) {
+			int64_t sy = (int64_t)floorf((float)y * ((float)h / (float)Ho));
+			if (sy > h - 1) sy = h - 1;
+			for (int64_t i = 0; i < Wo; i++) {
+				int64_t sx = (int64_t)floorf((float)i * ((float)w / (float)Wo));
+				if (sx > w - 1) sx = w - 1;
+				d[(p * h + sy) * w + sx] += s[(p * Ho + y) * Wo + i];
+			}
+		}
+	return 0;
+}
+
+static int zero_tensor(sd_tensor *t)
+{
+	if (t->device == SD_DEVICE_CPU) {
+		memset(t->data, 0, sd_tensor_nbytes(t));
+		return 0;
+	}
+	sd_tensor *z = sd_tensor_new(t->dtype, t->ndim, t->shape);
+	int rc = z ? sd_tensor_copy(t, z) : -1;
+	sd_tensor_free(z);
+	return rc;
+}
+
+static int tr_trained(const sd_unet_transformer *p)
+{
+	for (int k = 0; k < p->nlayers; k++) {
+		const sd_unet_tblock *b = &p->blk[k];
+		const sd_unet_linear *l[] = {&b->attn1.q, &b->attn1.k, &b->attn1.v, &b->attn1.out, &b->attn2.q,
+		                             &b->attn2.k, &b->attn2.v, &b->attn2.out, &b->ff1, &b->ff2};
+		for (int i = 0; i < 10; i++)
+			if (l[i]->train) return 1;
+	}
+	return p->proj_in.train || p->proj_out.train;
+}
+
+/* The walk's state: the flowing gradient in two arenas used in turn. */
+typedef struct bwalk {
+	sd_unet *u;
+	const sd_unet_act *act;
+	sd_tensor *dctx;
+	int fi, stop_tr, done;
+} bwalk;
+
+static sd_tensor *flow_new(bwalk *w, const sd_tensor *like)
+{
+	w->fi ^= 1;
+	sd_arena_reset(w->u->bflow[w->fi]);
+	return tmp_like(w->u->bflow[w->fi], like, 0);
+}
+
+/* g ← the gradient of resnet i's input x (NULL when not needed: then only g's adapters). */
+static int back_resnet(bwalk *w, int i, const sd_tensor *x, sd_tensor **g, sd_tensor *dx)
+{
+	sd_unet *u = w->u;
+	const sd_unet_resnet_act *ra = &w->act->res[i];
+	sd_unet_resnet_act tmp;
+	if (w->act->checkpointed) {
+		if (recompute_resnet(u, w->act, i, x, &tmp, u->brc)) return sd_preerr("unet: resnet %d recompute", i);
+		ra = &tmp;
+	}
+	if (sd_unet_resnet_backward(dx, *g, ra, x, &u->res[i], u->cfg.groups, u->cfg.eps, u->bscr, 0))
+		return sd_preerr("unet: resnet %d backward", i);
+	*g = dx;
+	return 0;
+}
+
+static int back_transformer(bwalk *w, int i, const sd_tensor *x, sd_tensor **g)
+{
+	sd_unet *u = w->u;
+	sd_arena_reset(u->bscr);
+	sd_arena_reset(u->brc);
+	const sd_unet_transformer_act *ta = &w->act->tr[i];
+	sd_unet_transformer_act tmp;
+	if (w->act->checkpointed) {
+		if (recompute_transformer(u, i, x, w->act->context, &tmp, u->brc))
+			return sd_preerr("unet: transformer %d recompute", i);
+		ta = &tmp;
+	}
+	sd_tensor *dx = NULL;
+	if (i == w->stop_tr) w->done = 1;
+	else if (!(dx = flow_new(w, x))) return -1;
+	if (sd_unet_transformer_backward(dx, w->dctx, *g, ta, x, w->act->context, &u->tr[i], u->cfg.groups, u->bscr, 0))
+		return sd_preerr("unet: transformer %d backward", i);
+	*g = dx;
+	return 0;
+}
+
+int sd_unet_backward(sd_unet *u, const sd_unet_act *act, const sd_tensor *deps, sd_tensor *dlatent,
+                     sd_tensor *dcontext)
+{
+	const sd_unet_config *c = &u->cfg;
+	const int nb = c->nblocks;
+	if (!act->out || !act->conv_in || !act->temb_act) return sd_seterr("unet: backward: no recorded forward");
+	if (!sd_tensor_same_shape(deps, act->out) || deps->device != u->dev)
+		return sd_seterr("unet: backward: the output gradient must be shaped as the output, on the UNet's device");
+	if (dlatent && (!sd_tensor_same_shape(dlatent, act->latent) || dlatent->device != u->dev))
+		return sd_seterr("unet: backward: dlatent must be shaped as the latent, on the UNet's device");
+	if (dcontext && (!act->context || !sd_tensor_same_shape(dcontext, act->context) || dcontext->device != u->dev))
+		return sd_seterr("unet: backward: dcontext must be shaped as the context, on the UNet's device");
+	if (dcontext && zero_tensor(dcontext)) return -1;
+	bwalk w = {u, act, dcontext, 0, -1, 0};
+	if (!dlatent) { /* skip what lies before the first layer that needs a gradient */
+		for (int i = 0; i < u->ntr && w.stop_tr < 0; i++)
+			if (dcontext || tr_trained(&u->tr[i])) w.stop_tr = i;
+		if (w.stop_tr < 0) return 0;
+	}
+	sd_arena **ar[] = {&u->bkeep, &u->bflow[0], &u->bflow[1], &u->bscr, &u->brc};
+	for (int i = 0; i < 5; i++) {
+		if (!*ar[i] && !(*ar[i] = sd_arena_new(u->dev, 0))) return -1;
+		sd_arena_reset(*ar[i]);
+	}
+
+	/* the down path as a chain of nodes (every one a skip), and each up resnet's hidden input and skip */
+	int maxskip = 1;
+	for (int i = 0; i < nb; i++) maxskip += c->layers[i] + 1;
+	const int up0 = u->up_res[0], nup = u->nres - up0;
+	const sd_tensor **node = sd_arena_alloc(u->hdr, maxskip * sizeof *node), **hid = sd_arena_alloc(u->hdr, nup * sizeof *hid);
+	sd_tensor **dnode = sd_arena_alloc(u->hdr, maxskip * sizeof *dnode);
+	int *pop = sd_arena_alloc(u->hdr, nup * sizeof *pop), nn = 0;
+	if (!node || !hid || !dnode || !pop) return -1;
+	memset(dnode, 0, maxskip * sizeof *dnode);
+	node[nn++] = act->conv_in;
+	for (int i = 0; i < nb; i++) {
+		for (int j = 0; j < c->layers[i]; j++)
+			node[nn++] = c->down_attn[i] ? act->tr_out[u->down_tr[i] + j] : act->res_out[u->down_res[i] + j];
+		if (i < nb - 1) node[nn++] = act->down[i];
+	}
+	const sd_tensor *x = c->mid_attn ? act->res_out[u->mid_res + 1] : node[nn - 1], *last[MAXB];
+	int top = nn;
+	for (int i = 0; i < nb; i++) {
+		for (int j = 0; j < u->up_layers[i]; j++) {
+			int r = u->up_res[i] + j;
+			pop[r - up0] = --top;
+			hid[r - up0] = x;
+			x = c->up_attn[i] ? act->tr_out[u->up_tr[i] + j] : act->res_out[r];
+		}
+		last[i] = x;
+		if (i < nb - 1) x = act->upconv[i];
+	}
+
+	/* head: eps = conv_out(silu(conv_norm_out(x))) */
+	int k = c->conv_out_kernel / 2;
+	sd_tensor *da = tmp_like(u->bscr, x, 0), *g = flow_new(&w, x);
+	if (!da || !g || sd_conv2d_backward(da, deps, u->conv_out.w, 1, k, k, k, k, 0) ||
+	    sd_group_norm_backward(g, NULL, NULL, da, x, c->groups, u->norm_out_w, u->norm_out_b, c->eps, 1, 0))
+		return sd_preerr("unet: conv_out backward");
+
+	/* up blocks, last first */
+	for (int i = nb - 1; i >= 0 && !w.done; i--) {
+		if (i < nb - 1) { /* the upsampler: conv(resize(last[i])) */
+			sd_arena_reset(u->bscr);
+			sd_tensor *dup = tmp_like(u->bscr, act->upconv[i], 0), *gx = flow_new(&w, last[i]);
+			if (!dup || !gx || sd_conv2d_backward(dup, g, u->up[i].w, 1, 1, 1, 1, 1, 0) || resize_nearest_backward(gx, dup))
+				return sd_preerr("unet: upsampler %d backward", i);
+			g = gx;
+		}
+		for (int j = u->up_layers[i] - 1; j >= 0 && !w.done; j--) {
+			int r = u->up_res[i] + j;
+			if (c->up_attn[i] && back_transformer(&w, u->up_tr[i] + j, act->res_out[r], &g)) return -1;
+			if (w.done) break;
+			/* the resnet on cat(hidden, skip): split its input gradient */
+			const sd_tensor *h = hid[r - up0], *s = node[pop[r - up0]];
+			sd_arena_reset(u->bscr);
+			sd_arena_reset(u->brc);
+			const sd_tensor *cat = act->res_in[r];
+			if (act->checkpointed) {
+				sd_tensor *t = anew(u->brc, h, 4, N_(h), C_(h) + C_(s), H_(h), W_(h));
+				if (!t || sd_concat1(t, h, s)) return -1;
+				cat = t;
+			}
+			sd_tensor *gcat = tmp_like(u->bscr, cat, 0);
+			if (!gcat || back_resnet(&w, r, cat, &g, gcat)) return -1;
+			sd_tensor *gx = flow_new(&w, h), *ds = tmp_like(u->bkeep, s, 0);
+			if (!gx || !ds || sd_concat1_backward(gx, ds, gcat, 0)) return sd_preerr("unet: up block %d backward", i);
+			dnode[pop[r - up0]] = ds;
+			g = gx;
+		}
+	}
+
+	/* mid block: resnet, transformer, resnet */
+	if (c->mid_attn && !w.done) {
+		int r = u->mid_res;
+		sd_arena_reset(u->bscr);
+		sd_arena_reset(u->brc);
+		sd_tensor *gx = flow_new(&w, act->res_in[r + 1]);
+		if (!gx || back_resnet(&w, r + 1, act->res_in[r + 1], &g, gx) ||
+		    back_transformer(&w, u->mid_tr, act->tr_in[u->mid_tr], &g))
+			return -1;
+		if (!w.done) {
+			sd_arena_reset(u->bscr);
+			sd_arena_reset(u->brc);
+			if (!(gx = flow_new(&w, act->res_in[r])) || back_resnet(&w, r, act->res_in[r], &g, gx)) return -1;
+		}
+	}
+
+	/* down blocks: each node's gradient also gets what its skip received */
+	int n = nn - 1;
+#define ADD_SKIP() do { if (dnode[n] && sd_add(g, g, dnode[n], 1.0f, 1.0f)) return -1; } while (0)
+	if (!w.done) ADD_SKIP();
+	for (int i = nb - 1; i >= 0 && !w.done; i--) {
+		if (i < nb - 1) { /* node n = downsampler(node n-1): 3×3, stride 2, padding 1 */
+			sd_tensor *gx = flow_new(&w, node[n - 1]);
+			if (!gx || sd_conv2d_backward(gx, g, u->down[i].w, 2, 1, 1, 1, 1, 0))
+				return sd_preerr("unet: downsampler %d backward", i);
+			g = gx;
+			n--;
+			ADD_SKIP();
+		}
+		for (int j = c->layers[i] - 1; j >= 0 && !w.done; j--) {
+			int r = u->down_res[i] + j;
+			if (c->down_attn[i] && back_transformer(&w, u->down_tr[i] + j, act->res_out[r], &g)) return -1;
+			if (w.done) break;
+			sd_arena_reset(u->bscr);
+			sd_arena_reset(u->brc);
+			sd_tensor *gx = flow_new(&w, node[n - 1]);
+			if (!gx || back_resnet(&w, r, node[n - 1], &g, gx)) return -1;
+			n--;
+			ADD_SKIP();
+		}
+	}
+#undef ADD_SKIP
+	if (w.done || !dlatent) return 0;
+	/* conv_in (after center_input_sample's 2·x − 1 when configured) */
+	k = c->conv_in_kernel / 2;
+	if (sd_conv2d_backward(dlatent, g, u->conv_in.w, 1, k, k, k, k, 0)) return sd_preerr("unet: conv_in backward");
+	return c->center_input_sample ? sd_scale(dlatent, dlatent, 2.0f) : 0;
 }

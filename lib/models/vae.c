@@ -44,19 +44,21 @@ int sd_vae_resnet_forward(sd_tensor *out, const sd_vae_resnet_act *a, const sd_t
 	return sd_add(out, out, x, 1.0f, 1.0f); /* output_scale_factor 1 */
 }
 
+/* A projection with its LoRA adapter when set (ax: the adapter's scratch); in training (c.train set) with
+ * the adapter's dropout (train/step.c). */
+#define LINEAR(out, x, c, ax) ((c).train ? sd_lora_train_forward((out), (ax), (x), (c).w, (c).b, (c).lora, (c).train) \
+                                         : sd_lora_linear_forward((out), (x), (c).w, (c).b, (c).lora, (ax)))
+
 int sd_vae_attn_forward(sd_tensor *out, const sd_vae_attn_act *a, const sd_tensor *x, const sd_vae_attn *p,
                         int groups, float eps)
 {
 	// x (N,C,H,W); one head of C features over L = H·W positions
 	/* the projections with their LoRA adapters when set (lora.c; a->lora is the adapters' scratch) */
 	if (sd_group_norm(a->n, x, groups, p->norm_w, p->norm_b, eps, 0) || sd_nchw_to_nlc(a->nl, a->n) ||
-	    sd_lora_linear_forward(a->q, a->nl, p->q.w, p->q.b, p->q.lora, a->lora) ||
-	    sd_lora_linear_forward(a->k, a->nl, p->k.w, p->k.b, p->k.lora, a->lora) ||
-	    sd_lora_linear_forward(a->v, a->nl, p->v.w, p->v.b, p->v.lora, a->lora))
+	    LINEAR(a->q, a->nl, p->q, a->lora) || LINEAR(a->k, a->nl, p->k, a->lora) || LINEAR(a->v, a->nl, p->v, a->lora))
 		return -1;
 	if (sd_attention(a->o, a->q, a->k, a->v, 1, 1.0f / sqrtf((float)p->c), 0, a->probs)) return -1;
-	if (sd_lora_linear_forward(a->p, a->o, p->out.w, p->out.b, p->out.lora, a->lora) || sd_nlc_to_nchw(out, a->p))
-		return -1;
+	if (LINEAR(a->p, a->o, p->out, a->lora) || sd_nlc_to_nchw(out, a->p)) return -1;
 	return sd_add(out, out, x, 1.0f, 1.0f); /* residual_connection, rescale_output_factor 1 */
 }
 
@@ -70,6 +72,58 @@ int sd_vae_up_forward(sd_tensor *out, sd_tensor *up, const sd_tensor *x, const s
 {
 	if (sd_upsample2x(up, x)) return -1;
 	return sd_conv2d(out, up, conv->w, conv->b, 1, 1, 1, 1, 1);
+}
+
+/* ==== block backwards ==== */
+
+/* A scratch tensor shaped like `like` from the arena. */
+static sd_tensor *tmp_like(sd_arena *a, const sd_tensor *like)
+{
+	sd_tensor *t = sd_arena_alloc(a, sizeof *t);
+	if (!t) return NULL;
+	*t = *like;
+	t->owns = 0;
+	t->aux = NULL;
+	t->aux_free = NULL;
+	size_t bytes = sd_tensor_nbytes(t);
+	return (t->data = sd_arena_alloc(a, bytes ? bytes : 1)) ? t : NULL;
+}
+
+int sd_vae_resnet_backward(sd_tensor *dx, const sd_tensor *dout, const sd_vae_resnet_act *a, const sd_tensor *x,
+                           const sd_vae_resnet *p, int groups, float eps, sd_arena *s, int acc)
+{
+	// out = conv2(silu(norm2(conv1(silu(norm1(x)))))) + (shortcut(x) or x);  dout (N,Cout,H,W) → dx (N,Cin,H,W)
+	sd_tensor *dh2 = tmp_like(s, a->h2), *da1 = tmp_like(s, a->a1), *dh1 = tmp_like(s, a->h1);
+	if (!dh2 || !da1 || !dh1) return -1;
+	if (sd_conv2d_backward(dh2, dout, p->conv2.w, 1, 1, 1, 1, 1, 0) ||
+	    sd_group_norm_backward(da1, NULL, NULL, dh2, a->a1, groups, p->norm2_w, p->norm2_b, eps, 1, 0) ||
+	    sd_conv2d_backward(dh1, da1, p->conv1.w, 1, 1, 1, 1, 1, 0))
+		return -1;
+	if (p->shortcut.w) {
+		if (sd_conv2d_backward(dx, dout, p->shortcut.w, 1, 0, 0, 0, 0, acc)) return -1;
+	} else if (acc ? sd_add(dx, dx, dout, 1.0f, 1.0f) : sd_tensor_copy(dx, dout))
+		return -1;
+	return sd_group_norm_backward(dx, NULL, NULL, dh1, x, groups, p->norm1_w, p->norm1_b, eps, 1, 1);
+}
+
+int sd_vae_attn_backward(sd_tensor *dx, const sd_tensor *dout, const sd_vae_attn_act *a, const sd_tensor *x,
+                         const sd_vae_attn *p, int groups, float eps, sd_arena *s, int acc)
+{
+	// out = x + nchw(to_out(attention(to_q(nl), to_k(nl), to_v(nl)))), nl = nlc(norm(x))
+	sd_tensor *dp = tmp_like(s, a->p), *d_o = tmp_like(s, a->o), *dq = tmp_like(s, a->q), *dk = tmp_like(s, a->k);
+	sd_tensor *dv = tmp_like(s, a->v), *dnl = tmp_like(s, a->nl), *dn = tmp_like(s, a->n);
+	if (!dp || !d_o || !dq || !dk || !dv || !dnl || !dn) return -1;
+	if (sd_nlc_to_nchw_backward(dp, dout, 0) ||
+	    sd_lora_train_backward(d_o, dp, a->o, p->out.w, p->out.lora, p->out.train, 0) ||
+	    sd_attention_backward(dq, dk, dv, d_o, a->q, a->k, a->v, a->probs, 1, 1.0f / sqrtf((float)p->c), 0, 0) ||
+	    sd_lora_train_backward(dnl, dq, a->nl, p->q.w, p->q.lora, p->q.train, 0) ||
+	    sd_lora_train_backward(dnl, dk, a->nl, p->k.w, p->k.lora, p->k.train, 1) ||
+	    sd_lora_train_backward(dnl, dv, a->nl, p->v.w, p->v.lora, p->v.train, 1))
+		return -1;
+	if (!dx) return 0;
+	if (sd_nchw_to_nlc_backward(dn, dnl, 0) || (acc ? sd_add(dx, dx, dout, 1.0f, 1.0f) : sd_tensor_copy(dx, dout)))
+		return -1;
+	return sd_group_norm_backward(dx, NULL, NULL, dn, x, groups, p->norm_w, p->norm_b, eps, 0, 1);
 }
 
 /* ==== the model ==== */
@@ -99,6 +153,7 @@ struct sd_vae {
 	sd_tensor views[MAX_VIEWS]; /* 2-D views of attention weights stored as 1×1 convs */
 	int nviews;
 	sd_arena *arena; /* tensor headers of one call */
+	sd_arena *bw[3]; /* sd_vae_encode_backward: the flowing gradient (two, in turn) and per-layer scratch */
 	struct slab slab[MAX_SLABS];
 	int nslab;
 	size_t pool_bytes, pool_peak, peak;
@@ -444,6 +499,7 @@ static void pool_trim(sd_vae *v, size_t below);
 void sd_vae_free(sd_vae *v)
 {
 	if (!v) return;
+	for (int i = 0; i < 3; i++) sd_arena_free(v->bw[i]);
 	pool_trim(v, (size_t)-1);
 	for (int i = 0; i < v->nowned; i++) sd_tensor_free(v->owned[i]);
 	free(v->owned);
@@ -1118,4 +1174,78 @@ int sd_vae_encode_record(sd_vae *v, sd_vae_enc_act *act, sd_arena *a, const sd_t
 	act->nres = v->n_enc_res;
 	run r = {v, v->arena, a, v->hook != NULL};
 	return encoder(&r, x, act) ? 0 : -1;
+}
+
+/* The flowing gradient: a tensor shaped like `like` in the gradient arena not holding `cur`. */
+static sd_tensor *grad_next(sd_vae *v, int *fi, const sd_tensor *like)
+{
+	*fi ^= 1;
+	sd_arena_reset(v->bw[*fi]);
+	return tmp_like(v->bw[*fi], like);
+}
+
+int sd_vae_encode_backward(sd_vae *v, const sd_vae_enc_act *act, const sd_tensor *dmoments, sd_tensor *dx)
+{
+	const sd_vae_config *c = &v->cfg;
+	if (!act->moments || !act->x) return sd_seterr("vae: backward: no recorded forward");
+	if (!sd_tensor_same_shape(dmoments, act->moments) || dmoments->device != v->dev)
+		return sd_seterr("vae: backward: dmoments must be shaped as the moments, on the VAE's device");
+	if (dx && (!sd_tensor_same_shape(dx, act->x) || dx->device != v->dev))
+		return sd_seterr("vae: backward: dx must be shaped as the input, on the VAE's device");
+	const sd_vae_attn *at = &v->enc_attn;
+	int trained = c->mid_attention && (at->q.train || at->k.train || at->v.train || at->out.train);
+	if (!dx && !trained) return 0;
+	for (int i = 0; i < 3; i++)
+		if (!v->bw[i] && !(v->bw[i] = sd_arena_new(v->dev, 0))) return -1;
+	sd_arena *s = v->bw[2];
+	int fi = 0, k = act->nres - 1;
+	sd_arena_reset(v->bw[0]);
+	sd_arena_reset(v->bw[1]);
+	sd_arena_reset(s);
+	/* head: moments = quant_conv(conv_out(silu(conv_norm_out(mid)))) */
+	const sd_tensor *g = dmoments;
+	if (c->quant_conv) {
+		sd_tensor *d = grad_next(v, &fi, act->conv_out);
+		if (!d || sd_conv2d_backward(d, g, v->quant.w, 1, 0, 0, 0, 0, 0)) return sd_preerr("vae: quant_conv backward");
+		g = d;
+	}
+	sd_tensor *dact = tmp_like(s, act->act_out), *d = grad_next(v, &fi, act->res_out[k]);
+	if (!dact || !d || sd_conv2d_backward(dact, g, v->enc_out.w, 1, 1, 1, 1, 1, 0) ||
+	    sd_group_norm_backward(d, NULL, NULL, dact, act->res_out[k], c->groups, v->enc_norm_w, v->enc_norm_b, c->eps, 1, 0))
+		return sd_preerr("vae: conv_out backward");
+	g = d;
+	/* mid block: resnet, attention, resnet */
+#define RES_BACK(k) do {                                                                                  \
+		sd_arena_reset(s);                                                                                \
+		sd_tensor *d_ = grad_next(v, &fi, act->res_in[k]);                                                \
+		if (!d_ || sd_vae_resnet_backward(d_, g, &act->res[k], act->res_in[k], &v->enc_res[k], c->groups, \
+		                                  c->eps, s, 0))                                                  \
+			return sd_preerr("vae: encoder resnet %d backward", k);                                       \
+		g = d_;                                                                                           \
+	} while (0)
+	RES_BACK(k);
+	k--;
+	if (c->mid_attention) {
+		sd_arena_reset(s);
+		sd_tensor *d_ = dx ? grad_next(v, &fi, act->res_out[k]) : NULL;
+		if ((dx && !d_) || sd_vae_attn_backward(d_, g, &act->attn, act->res_out[k], at, c->groups, c->eps, s, 0))
+			return sd_preerr("vae: encoder attention backward");
+		if (!dx) return 0; /* nothing before it has parameters */
+		g = d_;
+	}
+	RES_BACK(k);
+	k--;
+	for (int b = c->nblocks - 1; b >= 0; b--) {
+		if (b < c->nblocks - 1) {
+			/* the downsampler's input is the block's last resnet output */
+			sd_tensor *d_ = grad_next(v, &fi, act->res_out[k]);
+			if (!d_ || sd_conv2d_backward(d_, g, v->down[b].w, 2, 0, 1, 0, 1, 0))
+				return sd_preerr("vae: downsampler %d backward", b);
+			g = d_;
+		}
+		for (int l = 0; l < c->layers_per_block; l++, k--) RES_BACK(k);
+	}
+#undef RES_BACK
+	sd_arena_reset(s);
+	return sd_conv2d_backward(dx, g, v->enc_in.w, 1, 1, 1, 1, 1, 0);
 }
