@@ -54,15 +54,19 @@ LIB_SRC  := $(sort $(wildcard lib/*.c lib/*/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(B)/%.o)
 CU_SRC   := $(sort $(wildcard kernels/*.cu))
 
+# The CUDA backend is a shared object (libsd-cuda.so, linking cuBLAS and the CUDA runtime) that
+# lib/cuda.c loads with dlopen when an NVIDIA device is present; the tools themselves do not link CUDA.
 ifeq ($(CUDA),1)
-  CPPFLAGS += -DSD_CUDA=1
+  CPPFLAGS += -DSD_CUDA=1 -DSD_CUDA_SO='"$(abspath $(B))/libsd-cuda.so"' -DSD_LIBDIR='"$(PREFIX)/lib/sdpipe"'
   CU_OBJ   := $(CU_SRC:%.cu=$(B)/%.o)
-  LDLIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart -lstdc++
-  $(info sdpipe: CUDA backend on ($(NVCC)))
+  CUDA_SO  := $(B)/libsd-cuda.so
+  $(info sdpipe: CUDA backend on ($(NVCC)), loaded at run time from libsd-cuda.so)
 else
   CU_OBJ   :=
+  CUDA_SO  :=
   $(info sdpipe: CPU backend only (CUDA=0 or no nvcc))
 endif
+LDLIBS   += -ldl
 
 TOOLS    := $(patsubst cmd/%.c,$(BIN)/%,$(sort $(wildcard cmd/*.c)))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
@@ -77,7 +81,7 @@ DEBS     := libopenblas-dev libopenblas-openmp-dev libnetpbm-dev libmsgpack-dev 
 .PHONY: all check demo bench install deps clean tests valgrind
 .DELETE_ON_ERROR:
 
-all: $(B)/libsd.a $(TOOLS)
+all: $(B)/libsd.a $(CUDA_SO) $(TOOLS)
 
 $(B)/%.o: %.c $(wildcard lib/*.h) | deps-ok
 	@mkdir -p $(@D)
@@ -87,7 +91,10 @@ $(B)/kernels/%.o: kernels/%.cu lib/sd.h lib/backend.h
 	@mkdir -p $(@D)
 	$(NVCC) $(NVCCFLAGS) -Ilib -DSD_CUDA=1 -c $< -o $@
 
-$(B)/libsd.a: $(LIB_OBJ) $(CU_OBJ)
+$(B)/libsd-cuda.so: $(CU_OBJ)
+	$(NVCC) -shared $^ -L$(CUDA_HOME)/lib64 -Xlinker -rpath=$(CUDA_HOME)/lib64 -lcublas -lcudart -o $@
+
+$(B)/libsd.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
@@ -117,7 +124,7 @@ bench: deps
 	@$(MAKE) --no-print-directory all $(BENCH)
 	@BIN=$(BIN) B=$(B) sh tests/bench/run.sh
 
-VG_TESTS ?= test_stream test_safetensors test_ckpt test_model
+VG_TESTS ?= test_stream test_safetensors test_ckpt test_model test_hostile
 valgrind: deps
 	@$(MAKE) --no-print-directory VALGRIND=1 $(VG_TESTS:%=build-vg/tests/%)
 	@for t in $(VG_TESTS); do \
@@ -148,6 +155,7 @@ install: all
 	  $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/sdpipe
 	install -m 755 $(TOOLS) $(DESTDIR)$(PREFIX)/bin/
 	install -m 644 $(B)/libsd.a $(DESTDIR)$(PREFIX)/lib/
+	$(if $(CUDA_SO),install -d $(DESTDIR)$(PREFIX)/lib/sdpipe && install -m 755 $(CUDA_SO) $(DESTDIR)$(PREFIX)/lib/sdpipe/)
 	install -m 644 lib/sd.h $(DESTDIR)$(PREFIX)/include/
 	$(if $(MAN1),install -m 644 $(MAN1) $(DESTDIR)$(PREFIX)/share/man/man1/)
 	$(if $(MAN5),install -m 644 $(MAN5) $(DESTDIR)$(PREFIX)/share/man/man5/)
@@ -158,3 +166,69 @@ clean:
 
 -include $(LIB_OBJ:.o=.d) $(TOOLS:$(BIN)/%=$(B)/cmd/%.d)
 
+# ==== fuzzing (issue 9): tests/fuzz/fuzz_<parser>.c are libFuzzer targets ====
+#
+#   make fuzz                   build them with clang (ASan + UBSan + libFuzzer, into build-fuzz/) and run
+#                               each for FUZZ_SECONDS (default 60) on its corpus tests/fuzz/corpus/<t>/;
+#                               what crashes, leaks or hangs is left in build-fuzz/artifacts/<t>/
+#   make fuzz-build             only build them (build-fuzz/fuzz_<t>)
+#   FUZZ_TARGETS="stream ckpt"  a subset
+#
+# The same targets are linked with tests/fuzz/replay.c (a plain main that feeds them saved inputs) in
+# every normal build ($(B)/fuzz/replay-<t>), and tests/pipeline/fuzz-replay.sh replays the regression
+# corpus tests/fuzz/crashes/<t>/ and the seed corpus under `make check` (and SANITIZE=1, valgrind).
+# A crash found by `make fuzz` goes into tests/fuzz/crashes/<t>/ with its fix.
+
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= stream safetensors ckpt config tokenizer pnm
+FUZZ_CC      ?= clang
+FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+FUZZ_CFLAGS  := -O1 -g -march=x86-64-v3 -std=c11 -D_GNU_SOURCE -Wall -Wno-unused-parameter -Wno-sign-compare -fopenmp $(FUZZ_SAN)
+FUZZ_CPPFLAGS := -DSD_DATADIR='"$(PREFIX)/share/sdpipe"' -Ilib -Itests/fuzz -I/usr/include/netpbm \
+                 -I/usr/include/x86_64-linux-gnu/openblas-pthread
+FUZZ_LDLIBS  := -lopenblas -lnetpbm -lmsgpackc -larchive -ljansson -lm -lpthread
+FUZZ_LIBOBJ  := $(LIB_SRC:%.c=build-fuzz/%.o)
+FUZZ_BIN     := $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
+FUZZ_REPLAY  := $(FUZZ_TARGETS:%=$(B)/fuzz/replay-%)
+
+.PHONY: fuzz fuzz-build
+
+# the library without CUDA, with coverage for libFuzzer (-fsanitize=fuzzer-no-link)
+build-fuzz/lib/%.o: lib/%.c $(wildcard lib/*.h)
+	@mkdir -p $(@D)
+	$(FUZZ_CC) $(FUZZ_CPPFLAGS) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+build-fuzz/libsd.a: $(FUZZ_LIBOBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.h build-fuzz/libsd.a
+	$(FUZZ_CC) $(FUZZ_CPPFLAGS) $(FUZZ_CFLAGS) -fsanitize=fuzzer $< build-fuzz/libsd.a $(FUZZ_LDLIBS) -o $@
+
+fuzz-build: $(FUZZ_BIN)
+
+fuzz: deps
+	@$(MAKE) --no-print-directory fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build-fuzz/artifacts/$$t build-fuzz/corpus/$$t; \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  build-fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -max_len=65536 -print_final_stats=1 \
+	    -artifact_prefix=build-fuzz/artifacts/$$t/ build-fuzz/corpus/$$t tests/fuzz/corpus/$$t \
+	    > build-fuzz/fuzz_$$t.log 2>&1; rc=$$?; \
+	  grep -E '^stat::number_of_executed_units|^SUMMARY|^==[0-9]+==ERROR' build-fuzz/fuzz_$$t.log; \
+	  [ $$rc -eq 0 ] || { echo "fuzz $$t: failed (exit $$rc), see build-fuzz/fuzz_$$t.log and build-fuzz/artifacts/$$t/"; exit 1; }; \
+	done
+
+# the replay drivers, built by the normal compiler with the normal flags (so SANITIZE=1 sanitizes them)
+$(B)/fuzz/replay-%: tests/fuzz/fuzz_%.c tests/fuzz/replay.c tests/fuzz/fuzz.h $(B)/libsd.a
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) -Itests/fuzz $(CFLAGS) tests/fuzz/replay.c $< $(B)/libsd.a $(LDFLAGS) $(LDLIBS) -o $@
+
+tests: $(FUZZ_REPLAY)
+
+clean: clean-fuzz
+.PHONY: clean-fuzz
+clean-fuzz:
+	rm -rf build-fuzz
+
+-include $(FUZZ_LIBOBJ:.o=.d)

@@ -102,10 +102,10 @@ int main(int argc, char **argv)
 		{"version", no_argument, NULL, OPT_VERSION},
 		{NULL, 0, NULL, 0},
 	};
-	struct opts o = {.multiplier = 1.0, .dtype = SD_DTYPE_F32};
+	static struct opts o = {.multiplier = 1.0, .dtype = SD_DTYPE_F32}; /* static: reachable until exit */
 	int c;
 
-	sd_cli_init(argc, argv);
+	sd_cli_init_compute(argc, argv);
 	o.lora = calloc(argc, sizeof *o.lora);
 	o.models = calloc(argc, sizeof *o.models);
 	if (!o.lora || !o.models) sd_die("out of memory");

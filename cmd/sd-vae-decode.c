@@ -87,10 +87,10 @@ int main(int argc, char **argv)
 		{"version", no_argument, NULL, 'V'},
 		{NULL, 0, NULL, 0},
 	};
-	struct opts o = {0};
+	static struct opts o; /* static: what it points to stays reachable until exit */
 	int c;
 
-	sd_cli_init(argc, argv);
+	sd_cli_init_compute(argc, argv);
 	if (!(o.lora = calloc(argc, sizeof *o.lora))) sd_die("out of memory");
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":m:vh", longopts, NULL)) != -1) {

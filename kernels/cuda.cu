@@ -2,6 +2,9 @@
  * cuda.cu - the CUDA backend: device memory (cudaMalloc/cudaMemcpy) and the ops it can do on the GPU
  * (for now sgemm through cuBLAS).  Built only when nvcc is found (make CUDA=1).  Every CUDA call's status
  * is checked and turned into an sd_seterr message; an empty slot in the table is reported by lib/ops.c.
+ * This file is built into libsd-cuda.so, which lib/cuda.c loads with dlopen only when an NVIDIA device
+ * is present: the tools neither link nor load the CUDA libraries on a CPU machine.  libsd's sd_seterr
+ * is handed over at load time (the shared object does not link libsd).
  * cuBLAS is column-major: a row-major C = op(A)·op(B) is computed as the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ,
  * i.e. cublasSgemm with A and B swapped.
  */
@@ -14,6 +17,10 @@ extern "C" {
 #include "sd.h"
 #include "backend.h"
 }
+
+/* libsd's sd_seterr, handed over by sd_cuda_backend_open (this object does not link libsd) */
+static int (*seterr_fn)(const char *fmt, ...);
+#define sd_seterr (*seterr_fn)
 
 static cublasHandle_t handle;
 static int state; /* 0 unknown, 1 usable, -1 not usable */
@@ -80,8 +87,9 @@ static const struct sd_backend cuda_backend = {
 	"cuda", SD_DEVICE_CUDA, cuda_alloc, cuda_free, cuda_memset0, cuda_copy, cuda_sync, cuda_gemm,
 };
 
-extern "C" const struct sd_backend *sd_cuda_backend(void)
+extern "C" const struct sd_backend *sd_cuda_backend_open(int (*seterr)(const char *fmt, ...))
 {
+	seterr_fn = seterr;
 	pthread_mutex_lock(&lock);
 	if (state == 0) {
 		int n = 0;

@@ -26,14 +26,6 @@ static void at_exit(void)
 void sd_cli_init(int argc, char **argv)
 {
 	(void)argc;
-	/* libgomp reads its wait policy before main runs.  Its default spins at every barrier, which costs a
-	 * scheduler time slice whenever the cores are shared — and in a pipeline they always are (each tool
-	 * of `a | b | c` has its own threads): a tiny-model decode took 2 s with 2 threads and 0.3 s with 1.
-	 * So a tool starts itself again once with OMP_WAIT_POLICY=PASSIVE unless the user chose a policy. */
-	if (argv && !getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
-		setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
-		execv("/proc/self/exe", argv); /* returns only on failure: then run on as we are */
-	}
 	if (argv && argv[0]) {
 		const char *s = strrchr(argv[0], '/');
 		sd_prog = s ? s + 1 : argv[0];
@@ -158,6 +150,20 @@ void sd_close_stdout(void)
 int sd_stderr_tty(void)
 {
 	return isatty(2);
+}
+
+void sd_cli_init_compute(int argc, char **argv)
+{
+	/* libgomp reads its wait policy before main runs.  Its default spins at every barrier, which costs a
+	 * scheduler time slice whenever the cores are shared — and in a pipeline they always are (each tool
+	 * of `a | b | c` has its own threads): a tiny-model decode took 2 s with 2 threads and 0.3 s with 1.
+	 * So a tool that computes starts itself again once with OMP_WAIT_POLICY=PASSIVE unless the user
+	 * chose a policy (the exec costs a few milliseconds; light tools skip it). */
+	if (argv && !getenv("OMP_WAIT_POLICY") && !getenv("GOMP_SPINCOUNT")) {
+		setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+		execv("/proc/self/exe", argv); /* returns only on failure: then run on as we are */
+	}
+	sd_cli_init(argc, argv);
 }
 
 void sd_bad_option(int c, char **argv)

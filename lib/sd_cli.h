@@ -15,6 +15,10 @@ extern const char *sd_prog; /* set by sd_cli_init from argv[0]'s base name */
 
 /* Record the program name, set stdout to full buffering and register the stdout close check. */
 void sd_cli_init(int argc, char **argv);
+/* The same for a tool that runs a model: first re-executes itself once with OMP_WAIT_POLICY=PASSIVE
+ * unless the environment sets a wait policy (OpenMP threads then sleep at barriers instead of spinning,
+ * which is what a pipeline of tools sharing the cores needs). */
+void sd_cli_init_compute(int argc, char **argv);
 
 /* "<prog>: <message>\n" to stderr, then exit(1). */
 void sd_die(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));

@@ -7,7 +7,7 @@ sizes=${BENCH_SIZES:-"256 512"}
 echo "sdpipe benchmarks on $(nproc) cores, SD_THREADS=${SD_THREADS:-all}, $(date -u +%Y-%m-%d)"
 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; export OMP_WAIT_POLICY
 rc=0
-for b in unet vae; do
+for b in unet vae train attention; do
 	[ -x "$B/bench/$b" ] || continue
 	echo
 	echo "== $b"
