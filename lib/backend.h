@@ -114,6 +114,13 @@ struct sd_backend {
 	int (*adam_step)(float *p, const float *g, float *m, float *v, int64_t n, const struct sd_adam_coef *k);
 	/* *out (host) = Σ x² accumulated in double */
 	int (*sumsq)(double *out, const float *x, int64_t n);
+
+	/* ---- fused ops (optional: NULL makes lib/ops.c compose the op from the slots above) ---- */
+	/* out (N,Lq,H·dv) = softmax(scale · q kᵀ) v per head, q (N,Lq,H·d), k (N,Lk,H·d), v (N,Lk,H·dv), heads
+	 * laid out as sd_attention's; causal masks keys j > query i; the scores are never stored whole
+	 * (sd_attention calls it when no `probs` are asked for).  N, Lq, Lk, H ≥ 1. */
+	int (*attention)(float *out, const float *q, const float *k, const float *v, int64_t N, int64_t Lq, int64_t Lk,
+	                 int64_t H, int64_t d, int64_t dv, float scale, int causal);
 };
 
 extern const struct sd_backend sd_cpu_backend;

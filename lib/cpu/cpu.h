@@ -1,5 +1,5 @@
 /*
- * cpu/cpu.h - what the CPU backend's two files share.
+ * cpu/cpu.h - what the CPU backend's files share.
  */
 #ifndef SD_CPU_H
 #define SD_CPU_H
@@ -15,8 +15,12 @@ int sd_cpu_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, co
                 int64_t sA, const float *B, int64_t ldb, int64_t sB, float beta, float *C, int64_t ldc,
                 int64_t sC, int64_t batch);
 /* A buffer of at least `bytes` owned by the calling thread, reused by later calls with the same slot
- * (0: im2col, 1: attention scores); NULL with a message when out of memory. */
+ * (0: im2col, 1: attention: packed k, v and per-thread tiles); NULL with a message when out of memory. */
 void *sd_cpu_scratch(int slot, size_t bytes);
+
+/* cpu/attention.c: the fused attention slot (see lib/backend.h) */
+int sd_cpu_attention(float *out, const float *q, const float *k, const float *v, int64_t N, int64_t Lq, int64_t Lk,
+                     int64_t H, int64_t d, int64_t dv, float scale, int causal);
 
 /* cpu/backward.c: the training slots (see lib/backend.h) */
 int sd_cpu_conv2d_backward_input(float *dx, const float *dy, const float *w, int64_t N, int64_t C, int64_t H,

@@ -14,6 +14,7 @@
 #include <string.h>
 #include "../backend.h"
 #include "cpu.h"
+#include "simd.h"
 
 /* Run a loop in parallel only when it has enough work: a parallel region costs microseconds when the
  * cores are idle and a scheduler time slice when they are busy, which made small models (the test
@@ -298,46 +299,6 @@ static int cpu_mul(float *out, const float *a, const float *b, int64_t n)
 	return 0;
 }
 
-/*
- * exp of 8 floats (AVX2 + FMA): 2^n · p(r) with n = round(x·log2 e), r = x − n·ln 2 in two parts
- * (Cody–Waite), p a degree-6 polynomial on [−ln2/2, ln2/2].  Within 2 ulp of expf over the range a
- * softmax sees (x ≤ 0); below −87.3 the result flushes to 0 as expf underflows there.
- */
-static inline __m256 exp8(__m256 x)
-{
-	const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.37626f);
-	x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-	__m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-	                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-	__m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-	__m256 p = _mm256_set1_ps(1.9875691500e-4f);
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-	p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-	__m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-	return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-static inline float hmax8(__m256 v)
-{
-	__m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-	m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-	return _mm_cvtss_f32(m);
-}
-
-static inline float hsum8(__m256 v)
-{
-	__m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-	m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-	m = _mm_add_ss(m, _mm_shuffle_ps(m, m, 1));
-	return _mm_cvtss_f32(m);
-}
-
 /* One row: x ← softmax(x·scale) over n entries, vectorised (the attention's hottest non-GEMM loop:
  * 1.3 G exps per 512² UNet step). */
 static void softmax_row(float *x, int64_t n, float scale)
@@ -458,4 +419,5 @@ const struct sd_backend sd_cpu_backend = {
 	.dropout_mask = sd_cpu_dropout_mask,
 	.adam_step = sd_cpu_adam_step,
 	.sumsq = sd_cpu_sumsq,
+	.attention = sd_cpu_attention,
 };

@@ -7,7 +7,7 @@ sizes=${BENCH_SIZES:-"256 512"}
 echo "sdpipe benchmarks on $(nproc) cores, SD_THREADS=${SD_THREADS:-all}, $(date -u +%Y-%m-%d)"
 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; export OMP_WAIT_POLICY
 rc=0
-for b in unet vae train attention; do
+for b in unet vae train; do
 	[ -x "$B/bench/$b" ] || continue
 	echo
 	echo "== $b"
@@ -15,4 +15,10 @@ for b in unet vae train attention; do
 		"$B/bench/$b" "$s" || rc=1
 	done
 done
+# the attention kernels on every Stable Diffusion shape, fused against the GEMM path
+if [ -x "$B/bench/attention" ]; then
+	echo
+	echo "== attention"
+	"$B/bench/attention" || rc=1
+fi
 exit $rc
