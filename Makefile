@@ -1,7 +1,8 @@
 # sdpipe - Stable Diffusion as Unix pipes.  One non-recursive Makefile.
 #
 #   make                 libsd.a and every tool into bin/
-#   make check           build and run every test (tests/run.sh): "N passed, N failed, N skipped"
+#   make check           build and run every test (tests/run.sh), on the normal build and again under
+#                        ASan + UBSan: "N passed, N failed, N skipped"
 #   make demo            the main job (see README.md)
 #   make bench           benchmarks (tests/bench/), printed as a table
 #   make install PREFIX=/usr/local DESTDIR=
@@ -112,9 +113,16 @@ $(B)/bench/%: tests/bench/%.c $(B)/libsd.a
 
 tests: all $(UNIT)
 
+# The suite runs twice: on the normal build and on an ASan + UBSan build (every parser and tool under
+# the sanitizers; about as long again).  `make check SANITIZE=1` runs only the sanitized one.
 check: deps
 	@$(MAKE) --no-print-directory tests
-	@BIN=$(BIN) B=$(B) sh tests/run.sh
+ifeq ($(SANITIZE),1)
+	@BUILDS="$(B):$(BIN)" sh tests/run.sh
+else
+	@$(MAKE) --no-print-directory SANITIZE=1 tests
+	@BUILDS="$(B):$(BIN) build-san:bin-san" sh tests/run.sh
+endif
 
 demo: deps
 	@$(MAKE) --no-print-directory all

@@ -32,8 +32,9 @@ void sd_cli_init(int argc, char **argv)
 	}
 	static char buf[1 << 16];
 	setvbuf(stdout, buf, _IOFBF, sizeof buf);
-	/* a closed pipe downstream is a write error we report, not a silent death */
-	signal(SIGPIPE, SIG_IGN);
+	/* SIGPIPE keeps its default action: when the reader of a pipe goes away (`… | head`, or a tool
+	 * further down that failed and said why) a tool ends silently, as every Unix filter does; other write
+	 * errors (a full disk) are reported by sd_close_stdout / sd_write_frame_or_die. */
 	atexit(at_exit);
 }
 

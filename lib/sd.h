@@ -1623,4 +1623,50 @@ const sd_tensor *sd_trainer_last(const sd_trainer *t, const char *what);
  * backward's scratch), for reports. */
 size_t sd_trainer_peak_bytes(const sd_trainer *t);
 
+/* ==== LoRA training data and outputs (lib/train/dataset.c, lib/train/trainio.c, for sd-lora-train) ==== */
+
+/* How images become square training pixels: squash (resize both sides, aspect not kept; the study's,
+ * bilinear as PIL's Image.resize with its antialiasing support) or crop (resize the short side, then
+ * take the centre square). */
+enum sd_resize_mode { SD_RESIZE_SQUASH = 0, SD_RESIZE_CROP };
+
+/* A data set in memory: n images f32 (3, res, res) in [-1, 1] (grey replicated, alpha dropped), each
+ * with a caption (malloc'd; NULL when none was found) and a name (file or "stdin:frame N"). */
+typedef struct sd_dataset {
+	int n, res;
+	sd_tensor **pixels;
+	char **captions, **names;
+} sd_dataset;
+
+/*
+ * Read a data set from path: a folder (every non-hidden regular file must be a PNM/PAM image or a
+ * .txt caption for the image of the same base name), an archive libarchive reads (tar, tar.gz, zip;
+ * same rules on its entries), or, for "-", a tensor stream on stdin (frames with "image" f32 [N,C,H,W]
+ * in [0,1] and an optional "prompt").  Images are resized to res × res.  Entries are sorted by name.
+ * NULL with "<file>: what is wrong" on a missing path, a file that is not an image, or no images.
+ */
+sd_dataset *sd_dataset_read(const char *path, int res, enum sd_resize_mode mode);
+void sd_dataset_free(sd_dataset *d);
+/* FNV-1a 64 of the pixels and captions, as 16 hex digits (buf ≥ 17 bytes). */
+void sd_dataset_hash(const sd_dataset *d, char *buf);
+/* out (C, oh, ow) = in (C, ih, iw) resized with a triangle (bilinear) filter whose support widens by
+ * the scale when shrinking (PIL's resample=BILINEAR). */
+int sd_resize_bilinear(sd_tensor *out, const sd_tensor *in);
+
+/* The trainer's micro-step counter (the dropout masks' step), read and restored for --resume. */
+uint64_t sd_trainer_micro(const sd_trainer *t);
+void sd_trainer_set_micro(sd_trainer *t, uint64_t micro);
+
+/*
+ * Write the trainer's adapters.  kohya: one .safetensors with lora_unet_<module, '.' → '_'> and
+ * lora_te_<module> keys (.lora_down.weight = A, .lora_up.weight = B, .alpha f32 scalar); VAE adapters
+ * have no kohya spelling and are left out (*skipped counts them).  PEFT: folder dir holding unet/,
+ * text_encoder/ and vae/ (those trained) with adapter_config.json and adapter_model.safetensors
+ * (base_model.model.<module>.lora_A.weight / .lora_B.weight), built in a temporary folder and renamed
+ * into place (an existing dir is replaced).  meta (key, value, …, NULL) goes into every __metadata__.
+ */
+int sd_lora_write_kohya(const sd_trainer *t, const sd_train_config *c, const char *path, const char *const *meta,
+                        int *skipped);
+int sd_lora_write_peft(const sd_trainer *t, const sd_train_config *c, const char *dir, const char *const *meta);
+
 #endif

@@ -53,7 +53,7 @@ FILE *sd_open_in(const char *path);
 /* Write one frame to stdout or exit 1 ("write error: …"). */
 void sd_write_frame_or_die(const sd_value *frame);
 
-/* Flush and close stdout; on failure (disk full, EPIPE) print "<prog>: write error: …" and exit 1.
+/* Flush and close stdout; on failure (disk full) print "<prog>: write error: …" and exit 1.
  * Called automatically at exit by sd_cli_init's atexit handler; call it explicitly before return 0. */
 void sd_close_stdout(void);
 

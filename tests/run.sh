@@ -7,6 +7,7 @@ B=${B:-build}
 BIN=${BIN:-bin}
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top" || exit 1
+base_path=$PATH
 PATH="$top/$BIN:$PATH"; export PATH BIN B
 SD_FIXTURES="$top/tests/fixtures"; export SD_FIXTURES
 SHARED="$top/../shared/fixtures"; export SHARED
@@ -31,15 +32,22 @@ run_one() { # name, command...
 	fi
 	pass=$((pass + p)); fail=$((fail + f)); skip=$((skip + s))
 }
-for t in "$B"/tests/test_*; do
-	[ -x "$t" ] || continue
-	case "$t" in *.d|*.o) continue;; esac
-	run_one "$(basename "$t")" "$t"
-done
-for t in tests/pipeline/*.sh; do
-	[ -f "$t" ] || continue
-	[ "$(basename "$t")" = lib.sh ] && continue
-	run_one "$(basename "$t" .sh)" sh "$t"
+# BUILDS: "builddir:bindir …" — `make check` runs the suite on the normal build and again on the
+# ASan + UBSan build; each pair's tools come first on PATH for its pipeline tests.
+for pair in ${BUILDS:-"$B:$BIN"}; do
+	B=${pair%%:*}; BIN=${pair#*:}
+	PATH="$top/$BIN:$base_path"; export PATH BIN B
+	[ "${BUILDS:-}" ] && echo "== $B"
+	for t in "$B"/tests/test_*; do
+		[ -x "$t" ] || continue
+		case "$t" in *.d|*.o) continue;; esac
+		run_one "$(basename "$t")" "$t"
+	done
+	for t in tests/pipeline/*.sh; do
+		[ -f "$t" ] || continue
+		[ "$(basename "$t")" = lib.sh ] && continue
+		run_one "$(basename "$t" .sh)" sh "$t"
+	done
 done
 echo "$pass passed, $fail failed, $skip skipped"
 [ "$fail" -eq 0 ]

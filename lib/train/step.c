@@ -649,3 +649,15 @@ out:
 	if (rc) sd_preerr("trainer");
 	return rc;
 }
+
+/* ---- for --resume (sd-lora-train) ---- */
+
+uint64_t sd_trainer_micro(const sd_trainer *t)
+{
+	return t->micro;
+}
+
+void sd_trainer_set_micro(sd_trainer *t, uint64_t micro)
+{
+	t->micro = micro;
+}
