@@ -30,7 +30,7 @@ static double macs(const sd_vae_config *c, int px, int decode)
 	int nb = c->nblocks, L = c->layers_per_block;
 	double s = px; /* current side */
 #define CONV(ci, co, k, side) (m += (double)(ci) * (co) * (k) * (k) * (side) * (side))
-#define RES(ci, co, side) (CONV(ci, co, 3, side), CONV(co, co, 3, side), (ci) != (co) ? CONV(ci, co, 1, side) : 0)
+#define RES(ci, co, side) (CONV(ci, co, 3, side), CONV(co, co, 3, side), (ci) != (co) ? (void)CONV(ci, co, 1, side) : (void)0)
 #define ATTN(ch, side) (m += 4.0 * (ch) * (ch) * (side) * (side) + 2.0 * (ch) * (side) * (side) * (side) * (side))
 	if (!decode) {
 		int ch = c->block_out[0];
