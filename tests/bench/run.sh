@@ -15,6 +15,12 @@ for b in unet vae train; do
 		"$B/bench/$b" "$s" || rc=1
 	done
 done
+# a training step at batch 4 too (the study's batch)
+if [ -x "$B/bench/train" ]; then
+	echo
+	echo "== train, batch 4"
+	"$B/bench/train" -b 4 256 || rc=1
+fi
 # the attention kernels on every Stable Diffusion shape, fused against the GEMM path
 if [ -x "$B/bench/attention" ]; then
 	echo
