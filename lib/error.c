@@ -31,6 +31,7 @@ int sd_preerr(const char *fmt, ...)
 	va_start(ap, fmt);
 	vsnprintf(pre, sizeof pre, fmt, ap);
 	va_end(ap);
-	snprintf(msg, sizeof msg, "%s: %s", pre, old);
+	if (snprintf(msg, sizeof msg, "%s: %s", pre, old) >= (int)sizeof msg)
+		strcpy(msg + sizeof msg - 4, "..."); /* cut: say so */
 	return -1;
 }
