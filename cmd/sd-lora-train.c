@@ -80,7 +80,8 @@ static void usage(void)
 	       "      --sample-prompt T   the previews' prompt (default: the first caption)\n"
 	       "      --sample-steps N    sampler steps of a preview (default 20)\n"
 	       "      --sample-prefix P   previews go to P-stepN.ppm (default OUTPUT-sample)\n"
-	       "      --vae-recon-weight W  (not implemented yet)\n"
+	       "      --vae-recon-weight W  train the decoder-side VAE LoRA on W * MSE(decode(z), image)\n"
+	       "                          (needs vae in --train; default 0: the decoder adapter stays zero)\n"
 	       "  -v, --verbose           report the set-up on standard error\n"
 	       "  -h, --help              display this help and exit\n"
 	       "      --version           output version information and exit\n"
@@ -608,7 +609,8 @@ int main(int argc, char **argv)
 	if (wd >= 0) o.cfg.optim.weight_decay = wd;
 	if (argc - optind != 1) sd_usage_error(argc == optind ? "no DATA (a folder, an archive or - for a stream)" : "too many operands");
 	if (!o.output) sd_usage_error("no output: -o FILE.safetensors or -o DIR/");
-	if (o.vae_recon > 0) sd_usage_error("--vae-recon-weight: the decoder reconstruction loss is not implemented yet");
+	if (o.vae_recon > 0 && !(o.cfg.train & SD_TRAIN_VAE)) sd_usage_error("--vae-recon-weight: needs vae in --train");
+	o.cfg.vae_recon_weight = (float)o.vae_recon;
 	if (o.res % 8) sd_usage_error("--resolution: %d is not a multiple of 8", o.res);
 	o.cfg.seed = o.seed;
 	if (o.format && !strcmp(o.format, "kohya") && o.cfg.train == SD_TRAIN_VAE)
@@ -715,7 +717,7 @@ int main(int argc, char **argv)
 	FILE *logf = NULL;
 	if (o.log) {
 		if (!(logf = fopen(o.log, o.resume ? "a" : "w"))) sd_die("--log: %s: %s", o.log, strerror(errno));
-		if (!o.resume) fprintf(logf, "step\tepoch\tloss\tlr\tgrad_norm\tseconds\n");
+		if (!o.resume) fprintf(logf, "step\tepoch\tloss\tlr\tgrad_norm\tseconds%s\n", o.vae_recon > 0 ? "\trecon" : "");
 	}
 	struct sigaction sa;
 	memset(&sa, 0, sizeof sa);
@@ -740,7 +742,7 @@ int main(int argc, char **argv)
 		sd_optim_set_lr(sd_trainer_optim(r.tr), lr);
 		sd_rng rng0 = r.rng;
 		uint64_t micro0 = sd_trainer_micro(r.tr);
-		double loss = 0;
+		double loss = 0, recon = 0;
 		long long epoch = 0;
 		if (sd_trainer_zero_grad(r.tr)) sd_die_lib("step %lld", r.step + 1);
 		for (int a = 0; a < o.accum; a++) {
@@ -756,8 +758,9 @@ int main(int argc, char **argv)
 			if (sd_trainer_accumulate(r.tr, &B.b, 1.0f / o.accum, &l)) sd_die_lib("step %lld", r.step + 1);
 			batch_free(&B);
 			loss += l / o.accum;
+			recon += sd_trainer_recon_loss(r.tr) / o.accum;
 		}
-		if (!isfinite(loss)) {
+		if (!isfinite(loss) || !isfinite(recon)) {
 			if (tty) fputc('\n', stderr);
 			if (save_state(&r, state_path, r.step, micro0, &rng0))
 				sd_die("step %lld: the loss is %g; stopping, and the state could not be saved: %s", r.step + 1, loss, sd_errmsg());
@@ -767,15 +770,21 @@ int main(int argc, char **argv)
 		if (sd_trainer_apply(r.tr)) sd_die_lib("step %lld", r.step + 1);
 		r.step++;
 		double el = sd_now() - tstart, ips = (r.step - s0) / (el > 0 ? el : 1e-9);
-		if (logf) fprintf(logf, "%lld\t%lld\t%.9g\t%.6g\t%.6g\t%.3f\n", r.step, epoch, loss, lr,
-		                  (double)sd_trainer_grad_norm(r.tr), el);
+		if (logf) {
+			fprintf(logf, "%lld\t%lld\t%.9g\t%.6g\t%.6g\t%.3f", r.step, epoch, loss, lr,
+			        (double)sd_trainer_grad_norm(r.tr), el);
+			if (o.vae_recon > 0) fprintf(logf, "\t%.9g", recon);
+			fputc('\n', logf);
+		}
+		char rs[48] = "";
+		if (o.vae_recon > 0) snprintf(rs, sizeof rs, " recon %.4f", recon);
 		if (tty) {
 			double eta = (r.total - r.step) / (ips > 0 ? ips : 1);
-			fprintf(stderr, "\r%s: step %lld/%lld  loss %.4f  %.2f it/s  ETA %d:%02d ", sd_prog, r.step, r.total, loss, ips,
-			        (int)eta / 60, (int)eta % 60);
+			fprintf(stderr, "\r%s: step %lld/%lld  loss %.4f%s  %.2f it/s  ETA %d:%02d ", sd_prog, r.step, r.total, loss, rs,
+			        ips, (int)eta / 60, (int)eta % 60);
 			if (r.step == r.total) fputc('\n', stderr);
 		} else if (r.step % every == 0 || r.step == r.total) {
-			fprintf(stderr, "%s: step %lld/%lld loss %.6f lr %.3g %.2f it/s\n", sd_prog, r.step, r.total, loss, lr, ips);
+			fprintf(stderr, "%s: step %lld/%lld loss %.6f%s lr %.3g %.2f it/s\n", sd_prog, r.step, r.total, loss, rs, lr, ips);
 		}
 		if (o.save_every && r.step % o.save_every == 0 && r.step < r.total &&
 		    save_state(&r, state_path, r.step, sd_trainer_micro(r.tr), &r.rng))

@@ -695,6 +695,36 @@ int sd_vae_attn_backward(sd_tensor *dx, const sd_tensor *dout, const sd_vae_attn
  */
 int sd_vae_encode_backward(sd_vae *v, const sd_vae_enc_act *act, const sd_tensor *dmoments, sd_tensor *dx);
 
+/*
+ * The decoder's forward with every activation a backward needs, in the arena `a` (the caller resets
+ * it): the trainer's reconstruction loss (decoder-side VAE LoRA, --vae-recon-weight).  Untiled, on the
+ * VAE's device.  z (N, latent, h, w) unscaled; out (N, out, h·f, w·f) raw, as sd_vae_decode.
+ */
+typedef struct sd_vae_dec_act {
+	const sd_tensor *z;      // (N,L,h,w) the input (borrowed)
+	sd_tensor *pq;           // post_quant_conv(z) (NULL without it)
+	sd_tensor *conv_in;      // (N,Cl,h,w)
+	int nres;                // 2 + nblocks·(layers_per_block+1): the mid block's two, then the up blocks'
+	sd_vae_resnet_act res[SD_VAE_MAX_RESNETS];
+	sd_tensor *res_in[SD_VAE_MAX_RESNETS];
+	sd_tensor *res_out[SD_VAE_MAX_RESNETS];
+	sd_vae_attn_act attn;    // the mid block's attention (input res_out[0], probs kept)
+	sd_tensor *attn_out;
+	sd_tensor *up[SD_VAE_MAX_BLOCKS];      // [nblocks-1] upsample2x outputs (the conv's input)
+	sd_tensor *up_out[SD_VAE_MAX_BLOCKS];  // [nblocks-1] upsampler outputs
+	sd_tensor *head_in;      // the last up block's output
+	sd_tensor *norm_out, *act_out;
+	sd_tensor *out;          // (N,out,H,W)
+} sd_vae_dec_act;
+int sd_vae_decode_record(sd_vae *v, sd_vae_dec_act *act, sd_arena *a, const sd_tensor *z);
+/*
+ * The decoder after sd_vae_decode_record: dout (N,out,H,W) = dLoss/dout → the gradients (+=) of the
+ * mid-block attention's adapters with a training state.  The walk stops at that attention (nothing
+ * before it in the decoder has parameters to train; no gradient for z); without a trained adapter
+ * there it does nothing.
+ */
+int sd_vae_decode_backward(sd_vae *v, const sd_vae_dec_act *act, const sd_tensor *dout);
+
 /* ==== CLIP text encoder (lib/models/clip.c) ==== */
 
 /*
@@ -1552,6 +1582,9 @@ typedef struct sd_train_config {
 	int checkpointing;              // recompute each UNet block's forward in the backward
 	int clip_skip;                  // A1111's (0/1 = the last layer)
 	const char *sched_json;         // scheduler_config.json (betas); NULL = SD 1.x's
+	float vae_recon_weight;         // > 0 (with SD_TRAIN_VAE): the decoder-side VAE adapters train on
+	                                // W·mean((decode(z) − x)²), z the step's posterior sample (detached),
+	                                // x the pixels (sd_trainer_recon_loss); 0: they get no gradient
 } sd_train_config;
 
 void sd_train_defaults(sd_train_config *c);
@@ -1592,6 +1625,9 @@ sd_tensor *sd_trainer_param(sd_trainer *t, int i);
 const sd_tensor *sd_trainer_grad(const sd_trainer *t, int i);
 int sd_trainer_find(const sd_trainer *t, const char *name); /* -1 when absent */
 sd_optim *sd_trainer_optim(sd_trainer *t);
+/* The last accumulate's reconstruction loss W·mean((decode(z) − x)²) (vae_recon_weight > 0 and a
+ * pixel batch), else 0. */
+double sd_trainer_recon_loss(const sd_trainer *t);
 /* Training mode on (the default: adapters' dropout active, recorded forwards) or off (inference with the
  * adapters, e.g. preview images: the models' ordinary forwards, no dropout). */
 int sd_trainer_set_training(sd_trainer *t, int on);

@@ -749,7 +749,7 @@ static sd_tensor *attention(run *r, const sd_vae_attn *p, const sd_tensor *x, sd
 
 /* conv_norm_out → SiLU → conv_out (fused unless recorded or hooked: hooks see the norm's output). */
 static sd_tensor *head(run *r, sd_tensor *x, const sd_tensor *g, const sd_tensor *b, const sd_vae_conv *conv,
-                       const char *norm_name, const char *out_name, sd_vae_enc_act *rec)
+                       const char *norm_name, const char *out_name, sd_tensor **rn, sd_tensor **ra)
 {
 	const sd_vae_config *c = &r->v->cfg;
 	int64_t N = N_(x), C = C_(x), H = H_(x), W = W_(x);
@@ -762,7 +762,7 @@ static sd_tensor *head(run *r, sd_tensor *x, const sd_tensor *g, const sd_tensor
 		if (sd_act(s, n, SD_ACT_SILU)) return NULL;
 	} else if (sd_group_norm(n, x, c->groups, g, b, c->eps, 1))
 		return NULL;
-	if (rec) rec->norm_out = n, rec->act_out = s;
+	if (rn) *rn = n, *ra = s;
 	if (!(y = act_new(r, N, conv->w->shape[0], H, W))) return NULL;
 	if (sd_conv2d(y, s, conv->w, conv->b, 1, 1, 1, 1, 1)) return NULL;
 	drop(r, n);
@@ -817,7 +817,8 @@ static sd_tensor *encoder(run *r, const sd_tensor *in, sd_vae_enc_act *rec)
 	STEP(y, resnet(r, &v->enc_res[k], x, rec ? &rec->res[k] : NULL));
 	if (rec) rec->res_out[k] = x;
 	hook(r, "encoder.mid_block", x);
-	STEP(y, head(r, x, v->enc_norm_w, v->enc_norm_b, &v->enc_out, "encoder.conv_norm_out", "encoder.conv_out", rec));
+	STEP(y, head(r, x, v->enc_norm_w, v->enc_norm_b, &v->enc_out, "encoder.conv_norm_out", "encoder.conv_out",
+	             rec ? &rec->norm_out : NULL, rec ? &rec->act_out : NULL));
 	if (rec) rec->conv_out = rec->moments = x;
 	if (c->quant_conv) {
 		STEP(y, conv1x1(r, x, &v->quant, "quant_conv"));
@@ -826,8 +827,9 @@ static sd_tensor *encoder(run *r, const sd_tensor *in, sd_vae_enc_act *rec)
 	return x;
 }
 
-/* decoder(post_quant_conv(z)); z (N,L,h,w) on the device, not dropped. */
-static sd_tensor *decoder(run *r, const sd_tensor *z)
+/* decoder(post_quant_conv(z)); z (N,L,h,w) on the device, not dropped.  rec: where to keep the
+ * activations (sd_vae_decode_record). */
+static sd_tensor *decoder(run *r, const sd_tensor *z, sd_vae_dec_act *rec)
 {
 	sd_vae *v = r->v;
 	const sd_vae_config *c = &v->cfg;
@@ -838,21 +840,32 @@ static sd_tensor *decoder(run *r, const sd_tensor *z)
 		if (!(pq = conv1x1(r, z, &v->post_quant, "post_quant_conv"))) return NULL;
 		in = pq;
 	}
+	if (rec) rec->pq = pq;
 	x = act_new(r, N_(in), v->dec_in.w->shape[0], H_(in), W_(in));
 	if (!x || sd_conv2d(x, in, v->dec_in.w, v->dec_in.b, 1, 1, 1, 1, 1)) return NULL;
 	drop(r, pq);
 	hook(r, "decoder.conv_in", x);
-	STEP(y, resnet(r, &v->dec_res[0], x, NULL));
-	if (c->mid_attention) STEP(y, attention(r, &v->dec_attn, x, NULL));
-	STEP(y, resnet(r, &v->dec_res[1], x, NULL));
+	if (rec) rec->conv_in = x;
+#define DRES(k) do {                                                     \
+		if (rec) rec->res_in[k] = x;                                     \
+		STEP(y, resnet(r, &v->dec_res[k], x, rec ? &rec->res[k] : NULL)); \
+		if (rec) rec->res_out[k] = x;                                    \
+	} while (0)
+	DRES(0);
+	if (c->mid_attention) {
+		STEP(y, attention(r, &v->dec_attn, x, rec ? &rec->attn : NULL));
+		if (rec) rec->attn_out = x;
+	}
+	DRES(1);
 	hook(r, "decoder.mid_block", x);
 	int k = 2;
 	for (int b = 0; b < c->nblocks; b++) {
-		for (int l = 0; l < c->layers_per_block + 1; l++, k++) STEP(y, resnet(r, &v->dec_res[k], x, NULL));
+		for (int l = 0; l < c->layers_per_block + 1; l++, k++) DRES(k);
 		if (b < c->nblocks - 1) {
 			int64_t N = N_(x), C = C_(x), H2 = 2 * H_(x), W2 = 2 * W_(x);
 			sd_tensor *up = act_new(r, N, C, H2, W2), *y = up ? act_new(r, N, C, H2, W2) : NULL;
 			if (!y || sd_vae_up_forward(y, up, x, &v->up[b])) return NULL;
+			if (rec) rec->up[b] = up, rec->up_out[b] = y;
 			drop(r, up);
 			drop(r, x);
 			x = y;
@@ -860,7 +873,11 @@ static sd_tensor *decoder(run *r, const sd_tensor *z)
 		snprintf(name, sizeof name, "decoder.up_blocks.%d", b);
 		hook(r, name, x);
 	}
-	STEP(y, head(r, x, v->dec_norm_w, v->dec_norm_b, &v->dec_out, "decoder.conv_norm_out", "decoder.conv_out", NULL));
+#undef DRES
+	if (rec) rec->head_in = x;
+	STEP(y, head(r, x, v->dec_norm_w, v->dec_norm_b, &v->dec_out, "decoder.conv_norm_out", "decoder.conv_out",
+	             rec ? &rec->norm_out : NULL, rec ? &rec->act_out : NULL));
+	if (rec) rec->out = x;
 	return x;
 }
 
@@ -891,7 +908,7 @@ static sd_tensor *run_one(run *r, int what, const float *src, int src_dev, int64
 	sd_tensor *in = act_new(r, 1, C, h, w);
 	if (!in || copy_window(r->v, in->data, r->v->dev != SD_DEVICE_CPU, src, src_dev, C, H, W, y0, x0, h, w))
 		return NULL;
-	sd_tensor *out = what == ENCODE ? encoder(r, in, NULL) : decoder(r, in);
+	sd_tensor *out = what == ENCODE ? encoder(r, in, NULL) : decoder(r, in, NULL);
 	drop(r, in);
 	return out;
 }
@@ -1248,4 +1265,69 @@ int sd_vae_encode_backward(sd_vae *v, const sd_vae_enc_act *act, const sd_tensor
 #undef RES_BACK
 	sd_arena_reset(s);
 	return sd_conv2d_backward(dx, g, v->enc_in.w, 1, 1, 1, 1, 1, 0);
+}
+
+int sd_vae_decode_record(sd_vae *v, sd_vae_dec_act *act, sd_arena *a, const sd_tensor *z)
+{
+	const sd_vae_config *c = &v->cfg;
+	if (check_4d("z", z)) return -1;
+	if (C_(z) != c->latent_channels)
+		return sd_seterr("vae: decode_record: z has %lld channels, the VAE %d", (long long)C_(z), c->latent_channels);
+	if (z->device != v->dev)
+		return sd_seterr("vae: z is on %s, the VAE on %s", sd_device_name(z->device), sd_device_name(v->dev));
+	memset(act, 0, sizeof *act);
+	act->z = z;
+	act->nres = v->n_dec_res;
+	run r = {v, v->arena, a, v->hook != NULL};
+	return decoder(&r, z, act) ? 0 : -1;
+}
+
+int sd_vae_decode_backward(sd_vae *v, const sd_vae_dec_act *act, const sd_tensor *dout)
+{
+	const sd_vae_config *c = &v->cfg;
+	if (!act->out || !act->z) return sd_seterr("vae: decode backward: no recorded forward");
+	if (!sd_tensor_same_shape(dout, act->out) || dout->device != v->dev)
+		return sd_seterr("vae: decode backward: dout must be shaped as the output, on the VAE's device");
+	const sd_vae_attn *at = &v->dec_attn;
+	if (!c->mid_attention || !(at->q.train || at->k.train || at->v.train || at->out.train)) return 0;
+	for (int i = 0; i < 3; i++)
+		if (!v->bw[i] && !(v->bw[i] = sd_arena_new(v->dev, 0))) return -1;
+	sd_arena *s = v->bw[2];
+	int fi = 0, k = act->nres - 1;
+	sd_arena_reset(v->bw[0]);
+	sd_arena_reset(v->bw[1]);
+	sd_arena_reset(s);
+	/* head: out = conv_out(silu(conv_norm_out(head_in))) */
+	sd_tensor *dact = tmp_like(s, act->act_out), *d = grad_next(v, &fi, act->head_in);
+	if (!dact || !d || sd_conv2d_backward(dact, dout, v->dec_out.w, 1, 1, 1, 1, 1, 0) ||
+	    sd_group_norm_backward(d, NULL, NULL, dact, act->head_in, c->groups, v->dec_norm_w, v->dec_norm_b, c->eps, 1, 0))
+		return sd_preerr("vae: decoder conv_out backward");
+	const sd_tensor *g = d;
+#define RES_BACK(k) do {                                                                                  \
+		sd_arena_reset(s);                                                                                \
+		sd_tensor *d_ = grad_next(v, &fi, act->res_in[k]);                                                \
+		if (!d_ || sd_vae_resnet_backward(d_, g, &act->res[k], act->res_in[k], &v->dec_res[k], c->groups, \
+		                                  c->eps, s, 0))                                                  \
+			return sd_preerr("vae: decoder resnet %d backward", k);                                       \
+		g = d_;                                                                                           \
+	} while (0)
+	for (int b = c->nblocks - 1; b >= 0; b--) {
+		if (b < c->nblocks - 1) {
+			/* up = upsample2x(res_out[k]); out = conv(up) */
+			sd_arena_reset(s);
+			sd_tensor *dup = tmp_like(s, act->up[b]), *d_ = grad_next(v, &fi, act->res_out[k]);
+			if (!dup || !d_ || sd_conv2d_backward(dup, g, v->up[b].w, 1, 1, 1, 1, 1, 0) ||
+			    sd_upsample2x_backward(d_, dup, 0))
+				return sd_preerr("vae: upsampler %d backward", b);
+			g = d_;
+		}
+		for (int l = 0; l < c->layers_per_block + 1; l++, k--) RES_BACK(k);
+	}
+	RES_BACK(1); /* the mid block's second resnet; its input is the attention's output */
+#undef RES_BACK
+	sd_arena_reset(s);
+	/* the attention's adapters; nothing below it is trained, so no input gradient */
+	if (sd_vae_attn_backward(NULL, g, &act->attn, act->res_out[0], at, c->groups, c->eps, s, 0))
+		return sd_preerr("vae: decoder attention backward");
+	return 0;
 }

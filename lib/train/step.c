@@ -101,6 +101,7 @@ struct sd_trainer {
 	sd_tensor *last[4];         /* latents, noisy_latents, encoder_hidden_states, model_pred */
 	size_t peak;
 	int training;
+	double recon;               /* the last accumulate's reconstruction loss */
 };
 
 static const char *const last_names[4] = {"latents", "noisy_latents", "encoder_hidden_states", "model_pred"};
@@ -263,8 +264,10 @@ static int make_adapters(sd_trainer *t)
 				snprintf(name, sizeof name, "%s.mid_block.attentions.0.%s", side[s], sub[k]);
 				sd_vae_conv *lin = sd_vae_find_linear(t->vae, name);
 				if (!lin || !targeted(name, tg)) continue;
-				/* the decoder is outside the diffusion loss's graph: no gradient */
-				TRY(add_adapter(t, SD_VAE, name, lin, lin->w, lin->lora != NULL, s == 0, &rng));
+				/* the decoder is outside the diffusion loss's graph: no gradient unless the
+				 * reconstruction loss trains it */
+				TRY(add_adapter(t, SD_VAE, name, lin, lin->w, lin->lora != NULL, s == 0 || c->vae_recon_weight > 0,
+				                &rng));
 			}
 	}
 	if (t->nad == 0) return sd_seterr("trainer: no linear layer matches the LoRA targets");
@@ -309,7 +312,7 @@ sd_trainer *sd_trainer_new(const sd_train_config *c, sd_unet *u, sd_clip *te, sd
 	const sd_unet_linear *tl = u ? sd_unet_find_linear(u, "time_embedding.linear_1") : NULL;
 	if (tl && tl->w) t->dev = tl->w->device;
 	if (c->rank < 1 || !(c->alpha > 0) || !(c->dropout >= 0 && c->dropout < 1) || !(c->max_grad_norm >= 0) ||
-	    !(c->min_snr_gamma >= 0)) {
+	    !(c->min_snr_gamma >= 0) || !(c->vae_recon_weight >= 0 && isfinite(c->vae_recon_weight))) {
 		sd_seterr("trainer: bad config (rank %d, alpha %g, dropout %g, max_grad_norm %g, min_snr_gamma %g)", c->rank,
 		          c->alpha, c->dropout, c->max_grad_norm, c->min_snr_gamma);
 		goto fail;
@@ -381,6 +384,11 @@ int sd_trainer_find(const sd_trainer *t, const char *name)
 sd_optim *sd_trainer_optim(sd_trainer *t)
 {
 	return t->opt;
+}
+
+double sd_trainer_recon_loss(const sd_trainer *t)
+{
+	return t->recon;
 }
 
 int sd_trainer_set_training(sd_trainer *t, int on)
@@ -506,9 +514,10 @@ int sd_trainer_accumulate(sd_trainer *t, const sd_train_batch *b, float gscale, 
 	const sd_tensor *z = b->noise;
 	const int64_t N = z->shape[0];
 	sd_arena_reset(t->arena);
-	int vae_rec = 0;
+	int vae_rec = 0, recon = 0;
 	sd_vae_enc_act vact;
-	sd_tensor *moments = NULL, *mom_host = NULL, *eps = NULL;
+	sd_tensor *moments = NULL, *mom_host = NULL, *eps = NULL, *xdev = NULL, *zdev = NULL;
+	t->recon = 0;
 	int rc = -1;
 
 	/* latents = sf · (mean + std·eps), recorded through the encoder when its adapters train */
@@ -519,9 +528,15 @@ int sd_trainer_accumulate(sd_trainer *t, const sd_train_batch *b, float gscale, 
 	} else {
 		const sd_vae_config *vc = sd_vae_get_config(t->vae);
 		for (int i = 0; i < t->nad; i++)
-			if (t->ad[i].comp == SD_VAE && t->ad[i].da && t->training) vae_rec = 1;
+			if (t->ad[i].comp == SD_VAE && t->ad[i].da && t->training) {
+				if (!strncmp(t->ad[i].module, "decoder.", 8))
+					recon = c->vae_recon_weight > 0;
+				else
+					vae_rec = 1;
+			}
 		sd_tensor *x = place(t, b->pixels);
 		if (!x) return -1;
+		xdev = x;
 		if (vae_rec) {
 			if (sd_vae_encode_record(t->vae, &vact, t->arena, x)) return sd_preerr("trainer");
 			moments = vact.moments;
@@ -544,8 +559,10 @@ int sd_trainer_accumulate(sd_trainer *t, const sd_train_batch *b, float gscale, 
 		for (int64_t i = 0, n = sd_tensor_numel(mean); i < n; i++) {
 			float zz = m[i] + s[i] * e[i];
 			l[i] = zz * sf;
+			if (recon) ((float *)std->data)[i] = zz; /* the unscaled sample, for the reconstruction */
 		}
 		rc = sd_tensor_copy(lat, mean);
+		if (!rc && recon && (!(zdev = atensor(t, SD_DTYPE_F32, 4, z->shape)) || sd_tensor_copy(zdev, std))) rc = -1;
 		sd_tensor_free(mean), sd_tensor_free(std);
 		if (rc) goto out;
 		rc = -1;
@@ -639,6 +656,18 @@ int sd_trainer_accumulate(sd_trainer *t, const sd_train_batch *b, float gscale, 
 		if (!dmom || !(eps = place(t, b->eps_posterior)) || sd_gaussian_sample_backward(dmom, dlat, moments, eps, 0) ||
 		    sd_vae_encode_backward(t->vae, &vact, dmom, NULL))
 			goto out;
+	}
+	if (recon) {
+		/* W·mean((decode(z) − x)²) with z detached: gradients into the decoder-side adapters only */
+		float W = c->vae_recon_weight;
+		sd_vae_dec_act dact;
+		double r = 0;
+		if (sd_vae_decode_record(t->vae, &dact, t->arena, zdev)) goto out;
+		sd_tensor *dout = atensor(t, SD_DTYPE_F32, 4, dact.out->shape);
+		if (!dout || sd_mse_loss(&r, dout, dact.out, xdev, NULL, gscale * W) ||
+		    sd_vae_decode_backward(t->vae, &dact, dout))
+			goto out;
+		t->recon = W * r;
 	}
 	size_t used = sd_arena_peak(t->arena);
 	if (used > t->peak) t->peak = used;

@@ -75,6 +75,12 @@ ok peft-reload "sd-unet-step -m '$tiny' -c '$T/ctx.st' --predict 999 --lora '$T/
 cmp -s "$T/eps-base.st" "$T/eps-p.st" && fail peft-changes-unet || pass peft-changes-unet
 ok peft-vae-reload "sd-noise -m '$tiny' --seed 2 -W 64 -H 64 | sd-vae-decode -m '$tiny' --lora '$T/peft' >/dev/null"
 
+ok vae-recon "$TR --train vae --vae-recon-weight 1 --max-steps 3 --lr 1e-2 -o '$T/vr/' '$T/data' 2>/dev/null && python3 -c \"
+import json, struct
+f = open('$T/vr/vae/adapter_model.safetensors', 'rb'); n = struct.unpack('<Q', f.read(8))[0]; h = json.loads(f.read(n)); d = f.read()
+k = [x for x in h if 'decoder.' in x and 'lora_B' in x]; assert k
+for x in k: a, b = h[x]['data_offsets']; assert any(struct.unpack('<%df' % ((b - a) // 4), d[a:b]))
+\""
 # ==== --train text: no UNet adapter ====
 ok text-only "sd-lora-train -m '$tiny' --resolution 64 --caption '$cap' --train text --max-steps 2 -o '$T/t/' '$T/data' 2>/dev/null"
 ok text-only-no-unet "test ! -e '$T/t/unet' && test ! -e '$T/t/vae' && test -f '$T/t/text_encoder/adapter_model.safetensors'"

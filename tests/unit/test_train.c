@@ -796,6 +796,103 @@ TEST(train_dropout_reproducible)
 	sd_st_close(f);
 }
 
+
+/* ---- the decoder-side VAE LoRA through the reconstruction loss (--vae-recon-weight) ---- */
+
+static double recon_loss(void *ctx)
+{
+	struct step_ctx *c = ctx;
+	double loss = NAN;
+	if (sd_trainer_accumulate(c->t, c->b, 1.0f, &loss)) printf("  accumulate: %s\n", sd_errmsg());
+	return sd_trainer_recon_loss(c->t);
+}
+
+TEST(train_vae_recon)
+{
+	const char *path = fixture("golden/tiny/train_step_vae_lora.safetensors", 1);
+	if (!path) SKIP("train_step_vae_lora.safetensors not found");
+	sd_st *f = sd_st_open(path);
+	tiny m;
+	OPEN_TINY(&m);
+	sd_train_batch b;
+	int64_t ts[16];
+	golden_batch(f, &b, ts);
+	static const char *const dec[3] = {"vae.decoder.mid_block.attentions.0.to_q.lora_B.weight",
+	                                   "vae.decoder.mid_block.attentions.0.to_k.lora_B.weight",
+	                                   "vae.decoder.mid_block.attentions.0.to_v.lora_B.weight"};
+	for (int run = 0; run < 2; run++) {
+		sd_train_config c;
+		sd_train_defaults(&c);
+		c.train = SD_TRAIN_VAE;
+		c.dropout = 0;
+		c.optim.lr = 1e-2;
+		c.vae_recon_weight = run ? 1.0f : 0.0f;
+		sd_trainer *t = sd_trainer_new(&c, m.u, m.te, m.vae);
+		CHECK(t != NULL);
+		if (!t) break;
+		double loss, r0 = 0, rl = 0;
+		if (!run) {
+			/* (a) W = 0: no gradient, the decoder adapter stays as made (B zero) */
+			for (int s = 0; s < 2; s++) CHECK_OK(sd_train_step(t, &b, &loss));
+			CHECK(sd_trainer_recon_loss(t) == 0);
+			for (int k = 0; k < 3; k++) {
+				int i = sd_trainer_find(t, dec[k]);
+				CHECK(i >= 0 && sd_trainer_grad(t, i) == NULL);
+				if (i < 0) continue;
+				const sd_tensor *p = sd_trainer_param(t, i);
+				const float *pb = p->data;
+				long nz = 0;
+				for (int64_t j = 0; j < sd_tensor_numel(p); j++) nz += pb[j] != 0;
+				CHECK(nz == 0);
+			}
+			sd_trainer_free(t);
+			continue;
+		}
+		/* (b) W > 0: B gets non-zero gradients; (c) one element against central differences */
+		CHECK_OK(sd_trainer_zero_grad(t));
+		CHECK_OK(sd_trainer_accumulate(t, &b, 1.0f, &loss));
+		r0 = sd_trainer_recon_loss(t);
+		CHECK(r0 > 0);
+		float *g = NULL;
+		int gi = -1;
+		long gn = 0;
+		for (int k = 0; k < 3; k++) {
+			int i = sd_trainer_find(t, dec[k]);
+			const sd_tensor *gr = i >= 0 ? sd_trainer_grad(t, i) : NULL;
+			CHECK(gr != NULL);
+			if (!gr) continue;
+			const float *p = gr->data;
+			double ss = 0;
+			for (int64_t j = 0; j < sd_tensor_numel(gr); j++) ss += (double)p[j] * p[j];
+			printf("  %s: |grad| %.6g\n", dec[k], sqrt(ss));
+			CHECK(ss > 0);
+			if (k == 2) {
+				gi = i, gn = (long)sd_tensor_numel(gr);
+				g = malloc(sd_tensor_nbytes(gr));
+				memcpy(g, gr->data, sd_tensor_nbytes(gr));
+			}
+		}
+		if (g) {
+			struct step_ctx ctx = {t, &b};
+			long j = argmax_abs(g, gn);
+			double e = fd_one("vae.decoder to_v lora_B", sd_trainer_param(t, gi)->data, j, g[j], recon_loss, &ctx,
+			                  1e-2f, 1e-6);
+			CHECK(e < 1e-2);
+			free(g);
+		}
+		/* a few steps lower the reconstruction loss */
+		for (int s = 0; s < 6; s++) {
+			CHECK_OK(sd_train_step(t, &b, &loss));
+			rl = sd_trainer_recon_loss(t);
+		}
+		printf("  recon loss %.6g → %.6g after 6 steps\n", r0, rl);
+		CHECK(rl < r0);
+		sd_trainer_free(t);
+	}
+	tiny_close(&m);
+	sd_st_close(f);
+}
+
 int main(void)
 {
 	RUN(train_step_golden);
@@ -809,5 +906,6 @@ int main(void)
 	RUN(unet_backward_fd);
 	RUN(vae_encoder_backward_fd);
 	RUN(train_dropout_reproducible);
+	RUN(train_vae_recon);
 	return test_summary();
 }
