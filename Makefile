@@ -81,6 +81,8 @@ DEBS     := libopenblas-dev libopenblas-openmp-dev libnetpbm-dev libmsgpack-dev 
 
 .PHONY: all check demo bench install deps clean tests valgrind
 .DELETE_ON_ERROR:
+# the tools' objects are intermediates of a pattern chain: keep them, or every make relinks every tool
+.SECONDARY: $(TOOLS:$(BIN)/%=$(B)/cmd/%.o)
 
 all: $(B)/libsd.a $(CUDA_SO) $(TOOLS)
 
