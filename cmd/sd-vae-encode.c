@@ -51,36 +51,6 @@ static void usage(void)
 	exit(0);
 }
 
-static void bad_option(int c, char **argv)
-{
-	const char *arg = argv[optind - 1];
-	if (c == ':') sd_usage_error("option '%s' requires an argument", arg);
-	if (optopt && strncmp(arg, "--", 2) != 0) sd_usage_error("invalid option -- '%c'", optopt);
-	sd_usage_error("unrecognized option '%s'", arg);
-}
-
-static double now(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-/* The frame's "image" as f32 (*conv set when converted: free it). */
-static const sd_tensor *frame_image(const sd_value *frame, const char *name, long idx, sd_tensor **conv)
-{
-	*conv = NULL;
-	sd_value *v = sd_map_get(frame, "image");
-	if (!v) sd_die("%s: frame %ld: no \"image\" key (images come in through pnmtotensor)", name, idx);
-	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"image\" is not a tensor", name, idx);
-	const sd_tensor *t = v->u.t;
-	if (t->dtype == SD_DTYPE_F32) return t;
-	if (!sd_dtype_is_float(t->dtype))
-		sd_die("%s: frame %ld: \"image\" has dtype %s, want a float tensor", name, idx, sd_dtype_name(t->dtype));
-	if (!(*conv = sd_tensor_convert(t, SD_DTYPE_F32))) sd_die_lib("%s: frame %ld: \"image\"", name, idx);
-	return *conv;
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -114,7 +84,7 @@ int main(int argc, char **argv)
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
-		default: bad_option(c, argv);
+		default: sd_bad_option(c, argv);
 		}
 	}
 	if (argc - optind > 1) sd_usage_error("too many files (one stream at a time)");
@@ -122,7 +92,7 @@ int main(int argc, char **argv)
 
 	enum sd_device dev;
 	if (sd_device_parse(o.device, &dev)) sd_usage_error("--device: %s", sd_errmsg());
-	double t0 = now();
+	double t0 = sd_now();
 	sd_model *m = sd_model_open(o.model, o.config);
 	if (!m) sd_die("%s", sd_errmsg());
 	if (!sd_model_has(m, SD_VAE)) sd_die("%s: the model has no VAE", sd_model_path(m));
@@ -135,7 +105,7 @@ int main(int argc, char **argv)
 	const sd_vae_config *cfg = sd_vae_get_config(vae);
 	int f = sd_vae_factor(vae);
 	sd_info("%s: VAE of %lld parameters on %s, %d blocks, scaling factor %g (%.2f s)", sd_model_path(m),
-	        (long long)sd_weights_params(w), sd_device_name(dev), cfg->nblocks, cfg->scaling_factor, now() - t0);
+	        (long long)sd_weights_params(w), sd_device_name(dev), cfg->nblocks, cfg->scaling_factor, sd_now() - t0);
 	if (o.tile > 0 && o.tile % f) sd_usage_error("--tile: %d is not a multiple of %d", o.tile, f);
 	if (o.tile > 0 && o.tile < 2 * f) sd_usage_error("--tile: %d is below %d", o.tile, 2 * f);
 	sd_vae_tiling tiling = {o.tile, 0};
@@ -151,7 +121,7 @@ int main(int argc, char **argv)
 	while ((rc = sd_reader_next(r, &frame)) == 1) {
 		long idx = sd_reader_index(r);
 		sd_tensor *conv;
-		const sd_tensor *img = frame_image(frame, name, idx, &conv);
+		const sd_tensor *img = sd_frame_f32(frame, "image", "(images come in through pnmtotensor)", name, idx, &conv);
 		char s[96], s2[96];
 		if (img->ndim != 4) sd_die("%s: frame %ld: \"image\" has shape %s, want [N,3,H,W]", name, idx,
 		                           sd_shape_str(img->ndim, img->shape, s, sizeof s));
@@ -171,10 +141,10 @@ int main(int argc, char **argv)
 			if (!(eps = sd_tensor_new(SD_DTYPE_F32, 4, shape))) sd_die_lib("%s: frame %ld", name, idx);
 			sd_rng_randn(&rng, eps->data, sd_tensor_numel(eps));
 		}
-		double t1 = now();
+		double t1 = sd_now();
 		if (sd_vae_encode_image(vae, latent, img, eps, &tiling)) sd_die_lib("%s: frame %ld", name, idx);
 		sd_info("frame %ld: %s -> %s in %.2f s, %.0f MiB of activations", idx,
-		        sd_shape_str(img->ndim, img->shape, s, sizeof s), sd_shape_str(4, shape, s2, sizeof s2), now() - t1,
+		        sd_shape_str(img->ndim, img->shape, s, sizeof s), sd_shape_str(4, shape, s2, sizeof s2), sd_now() - t1,
 		        sd_vae_peak_bytes(vae) / 1048576.0);
 		sd_tensor_free(conv);
 		sd_tensor_free(eps);

@@ -181,3 +181,18 @@ double sd_now(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+const sd_tensor *sd_frame_f32(const sd_value *frame, const char *key, const char *hint, const char *name,
+                              long idx, sd_tensor **conv)
+{
+	*conv = NULL;
+	sd_value *v = sd_map_get(frame, key);
+	if (!v) sd_die("%s: frame %ld: no \"%s\" key%s%s", name, idx, key, hint ? " " : "", hint ? hint : "");
+	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"%s\" is not a tensor", name, idx, key);
+	const sd_tensor *t = v->u.t;
+	if (t->dtype == SD_DTYPE_F32) return t;
+	if (!sd_dtype_is_float(t->dtype))
+		sd_die("%s: frame %ld: \"%s\" has dtype %s, want a float tensor", name, idx, key, sd_dtype_name(t->dtype));
+	if (!(*conv = sd_tensor_convert(t, SD_DTYPE_F32))) sd_die_lib("%s: frame %ld: \"%s\"", name, idx, key);
+	return *conv;
+}

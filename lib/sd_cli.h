@@ -41,6 +41,12 @@ double sd_parse_float(const char *opt, const char *s, double lo, double hi);
  * or "option '--m' requires an argument", then the usage error exit (2). */
 void sd_bad_option(int c, char **argv) __attribute__((noreturn));
 
+/* The tensor under `key` of frame number idx of stream `name`, as f32: *conv is set when it had to be
+ * converted (the caller frees it).  A missing key (with `hint` appended when not NULL), a value that is
+ * not a tensor or an integer dtype is "name: frame idx: …" and exit 1. */
+const sd_tensor *sd_frame_f32(const sd_value *frame, const char *key, const char *hint, const char *name,
+                              long idx, sd_tensor **conv);
+
 /* Monotonic seconds, for -v timings. */
 double sd_now(void);
 
