@@ -48,7 +48,7 @@ BLASDIR  ?= $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-openmp) $(
 BLASINC  := $(subst /usr/lib/,/usr/include/,$(BLASDIR))
 CPPFLAGS += -DSD_DATADIR='"$(PREFIX)/share/sdpipe"' -Ilib -I/usr/include/netpbm $(if $(BLASINC),-I$(BLASINC))
 comma    := ,
-LDLIBS   := $(if $(BLASDIR),-L$(BLASDIR) -Wl$(comma)-rpath$(comma)$(BLASDIR)) -lopenblas -lnetpbm -lmsgpackc -larchive -ljansson -lm -lpthread
+LDLIBS   := $(if $(BLASDIR),-L$(BLASDIR) -Wl$(comma)-rpath$(comma)$(BLASDIR)) -lopenblas -lnetpbm -lpng -ljpeg -lmsgpackc -larchive -ljansson -lm -lpthread
 LDFLAGS  += -fopenmp $(SANFLAGS)
 
 LIB_SRC  := $(sort $(wildcard lib/*.c lib/*/*.c))
@@ -70,6 +70,10 @@ endif
 LDLIBS   += -ldl
 
 TOOLS    := $(patsubst cmd/%.c,$(BIN)/%,$(sort $(wildcard cmd/*.c)))
+# sd-txt2img and sd-img2img: one bash script over the tools (cmd/sd-txt2img.sh), installed under both names
+SCRIPTS  := $(BIN)/sd-txt2img $(BIN)/sd-img2img
+VERSION  := $(shell sed -n 's/^\#define SD_VERSION "\(.*\)"/\1/p' lib/sd.h)
+EXAMPLES := $(sort $(wildcard examples/*.sh))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 UNIT     := $(patsubst tests/unit/%.c,$(B)/tests/%,$(UNIT_SRC))
 BENCH    := $(patsubst tests/bench/%.c,$(B)/bench/%,$(sort $(wildcard tests/bench/*.c)))
@@ -77,14 +81,19 @@ MAN1     := $(sort $(wildcard man/man1/*.1))
 MAN5     := $(sort $(wildcard man/man5/*.5))
 DATA     := $(sort $(wildcard lib/models/data/*))
 
-DEBS     := libopenblas-dev libopenblas-openmp-dev libnetpbm-dev libmsgpack-dev libarchive-dev libjansson-dev netpbm
+DEBS     := libopenblas-dev libopenblas-openmp-dev libnetpbm-dev libmsgpack-dev libarchive-dev libjansson-dev netpbm \
+            libpng-dev libjpeg62-turbo-dev python3-pil python3-numpy python3-msgpack
 
 .PHONY: all check demo bench install deps clean tests valgrind
 .DELETE_ON_ERROR:
 # the tools' objects are intermediates of a pattern chain: keep them, or every make relinks every tool
 .SECONDARY: $(TOOLS:$(BIN)/%=$(B)/cmd/%.o)
 
-all: $(B)/libsd.a $(CUDA_SO) $(TOOLS)
+all: $(B)/libsd.a $(CUDA_SO) $(TOOLS) $(SCRIPTS)
+
+$(SCRIPTS): cmd/sd-txt2img.sh lib/sd.h
+	@mkdir -p $(@D)
+	sed 's/@VERSION@/$(VERSION)/' $< > $@.tmp && chmod 755 $@.tmp && mv $@.tmp $@
 
 $(B)/%.o: %.c $(wildcard lib/*.h) | deps-ok
 	@mkdir -p $(@D)
@@ -128,7 +137,7 @@ endif
 
 demo: deps
 	@$(MAKE) --no-print-directory all
-	@BIN=$(BIN) sh examples/demo.sh
+	@BIN=$(BIN) bash examples/demo.sh
 
 bench: deps
 	@$(MAKE) --no-print-directory all $(BENCH)
@@ -163,7 +172,9 @@ deps-ok: ;
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include \
 	  $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/man/man5 $(DESTDIR)$(PREFIX)/share/sdpipe
-	install -m 755 $(TOOLS) $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 $(TOOLS) $(SCRIPTS) $(DESTDIR)$(PREFIX)/bin/
+	install -d $(DESTDIR)$(PREFIX)/share/sdpipe/examples
+	install -m 755 $(EXAMPLES) $(DESTDIR)$(PREFIX)/share/sdpipe/examples/
 	install -m 644 $(B)/libsd.a $(DESTDIR)$(PREFIX)/lib/
 	$(if $(CUDA_SO),install -d $(DESTDIR)$(PREFIX)/lib/sdpipe && install -m 755 $(CUDA_SO) $(DESTDIR)$(PREFIX)/lib/sdpipe/)
 	install -m 644 lib/sd.h $(DESTDIR)$(PREFIX)/include/
@@ -196,7 +207,7 @@ FUZZ_SAN     := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fn
 FUZZ_CFLAGS  := -O1 -g -march=x86-64-v3 -std=c11 -D_GNU_SOURCE -Wall -Wno-unused-parameter -Wno-sign-compare -fopenmp $(FUZZ_SAN)
 FUZZ_CPPFLAGS := -DSD_DATADIR='"$(PREFIX)/share/sdpipe"' -Ilib -Itests/fuzz -I/usr/include/netpbm \
                  -I/usr/include/x86_64-linux-gnu/openblas-pthread
-FUZZ_LDLIBS  := -lopenblas -lnetpbm -lmsgpackc -larchive -ljansson -lm -lpthread
+FUZZ_LDLIBS  := -lopenblas -lnetpbm -lpng -ljpeg -lmsgpackc -larchive -ljansson -lm -lpthread
 FUZZ_LIBOBJ  := $(LIB_SRC:%.c=build-fuzz/%.o)
 FUZZ_BIN     := $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 FUZZ_REPLAY  := $(FUZZ_TARGETS:%=$(B)/fuzz/replay-%)

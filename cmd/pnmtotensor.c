@@ -1,11 +1,14 @@
 /*
- * pnmtotensor - PBM/PGM/PPM/PAM images to a tensor stream, one frame per image (see pnmtotensor(1)).
+ * pnmtotensor - PBM/PGM/PPM/PAM, PNG and JPEG images to a tensor stream, one frame per image (see
+ * pnmtotensor(1)).
  *
- *   pngtopnm in.png | pnmtotensor | sd-info
+ *   pnmtotensor in.png | sd-info
  *
- * A source in sd-tensor(5) terms: each image of each input (several files, or several images one after
- * another in one file, as netpbm streams allow) becomes a frame {"image": f32 [1,C,H,W] in [0,1],
- * "maxval": the file's maxval, "source": the file name or "-"}.
+ * A source in sd-tensor(5) terms: each image of each input becomes a frame {"image": f32 [1,C,H,W] in
+ * [0,1], "maxval": the file's maxval, "source": the file name or "-"}, plus "parameters" (the A1111
+ * generation text) when a PNG carries one.  The format is chosen by the input's first byte (one byte
+ * of look-ahead, so a pipe works too): PNM inputs may hold several images one after another, as netpbm
+ * streams allow; a PNG or JPEG input is one image, read whole into memory (lib/io/image.c).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -16,30 +19,57 @@
 static void usage(void)
 {
 	printf("Usage: %s [OPTION]... [FILE]...\n"
-	       "Convert PBM, PGM, PPM and PAM images to a tensor stream: one frame per image, with\n"
-	       "\"image\" (f32 [1,C,H,W], values sample/maxval in [0,1]), \"maxval\" and \"source\".\n"
-	       "With no FILE, or when FILE is -, read standard input.\n"
+	       "Convert PBM, PGM, PPM, PAM, PNG and JPEG images to a tensor stream: one frame per image,\n"
+	       "with \"image\" (f32 [1,C,H,W], values sample/maxval in [0,1]), \"maxval\" and \"source\",\n"
+	       "and \"parameters\" when a PNG holds that text.  The format is found from the data; a PNM\n"
+	       "input may hold several images.  With no FILE, or when FILE is -, read standard input.\n"
 	       "\n"
 	       "  -v, --verbose  report each image on standard error\n"
 	       "  -h, --help     display this help and exit\n"
 	       "      --version  output version information and exit\n"
 	       "\n"
-	       "Example: pngtopnm in.png | %s | sd-info\n", sd_prog, sd_prog);
+	       "Example: %s in.png | sd-info\n", sd_prog, sd_prog);
 	exit(0);
 }
 
-/* getopt_long's complaint as one usage error (opterr is off so that stderr gets exactly one line plus
- * the "Try" line). */
+/* Write one frame for an image (img is taken); params, when not NULL, is a PNG's "parameters" text. */
+static void put_frame(const char *name, const char *source, sd_tensor *img, int maxval, const char *params)
+{
+	sd_value *frame = sd_value_map();
+	if (!frame || sd_map_set_tensor(frame, "image", img) < 0 || sd_map_set_int(frame, "maxval", maxval) < 0 ||
+	    sd_map_set_str(frame, "source", source) < 0 || (params && sd_map_set_str(frame, "parameters", params) < 0))
+		sd_die("%s: %s", name, sd_errmsg());
+	sd_write_frame_or_die(frame);
+	sd_value_free(frame);
+}
 
 /* Convert every image of one input; returns the number of images (0 is an error for the caller). */
 static long convert(const char *path)
 {
 	int is_stdin = !path || strcmp(path, "-") == 0;
-	const char *name = is_stdin ? "stdin" : path;
+	const char *name = is_stdin ? "stdin" : path, *source = is_stdin ? "-" : path;
 	FILE *f = sd_open_in(path);
+	char s[96];
+
+	/* One byte of look-ahead (all that ungetc promises) tells PNG (0x89) and JPEG (0xFF) from PNM ('P');
+	 * the decoder checks the rest of the signature. */
+	int c0 = getc(f);
+	if (c0 != EOF) ungetc(c0, f);
+	if (c0 == 0x89 || c0 == 0xff) {
+		int maxval = 0;
+		sd_value *text = NULL;
+		sd_tensor *img = sd_image_read(f, name, &maxval, &text);
+		if (!img) sd_die("%s", sd_errmsg());
+		sd_info("%s: %s, maxval %d", name, sd_shape_str(img->ndim, img->shape, s, sizeof s), maxval);
+		put_frame(name, source, img, maxval, text ? sd_map_str(text, "parameters") : NULL);
+		sd_value_free(text);
+		if (!is_stdin) fclose(f);
+		return 1;
+	}
+	if (c0 != EOF && c0 != 'P') sd_die("%s: not a PNM, PNG or JPEG image", name);
+
 	sd_pnm_reader *r = sd_pnm_reader_new(f, name);
 	if (!r) sd_die("%s: %s", name, sd_errmsg());
-
 	long n = 0;
 	for (;;) {
 		sd_tensor *img;
@@ -47,18 +77,9 @@ static long convert(const char *path)
 		int rc = sd_pnm_read(r, &img, &maxval);
 		if (rc < 0) sd_die("%s", sd_errmsg());
 		if (rc == 0) break;
-		if (sd_verbose) {
-			char s[96];
-			sd_info("%s: image %ld: %s, maxval %d", name, n + 1,
-			        sd_shape_str(img->ndim, img->shape, s, sizeof s), maxval);
-		}
-		sd_value *frame = sd_value_map();
-		if (!frame || sd_map_set_tensor(frame, "image", img) < 0 ||
-		    sd_map_set_int(frame, "maxval", maxval) < 0 ||
-		    sd_map_set_str(frame, "source", is_stdin ? "-" : path) < 0)
-			sd_die("%s: %s", name, sd_errmsg());
-		sd_write_frame_or_die(frame);
-		sd_value_free(frame);
+		sd_info("%s: image %ld: %s, maxval %d", name, n + 1, sd_shape_str(img->ndim, img->shape, s, sizeof s),
+		        maxval);
+		put_frame(name, source, img, maxval, NULL);
 		n++;
 	}
 	sd_pnm_reader_free(r);

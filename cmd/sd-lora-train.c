@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -36,8 +37,8 @@ struct opts {
 static void usage(void)
 {
 	printf("Usage: %s [OPTION]... -o OUTPUT DATA\n"
-	       "Train a LoRA adapter on the images of DATA: a folder or an archive (tar, tar.gz, zip) of PNM/PAM\n"
-	       "images with optional same-name .txt captions, or - for a tensor stream of \"image\" (+ \"prompt\")\n"
+	       "Train a LoRA adapter on the images of DATA: a folder or an archive (tar, tar.gz, zip) of PNG, JPEG\n"
+	       "or PNM images with optional same-name .txt captions, or - for a tensor stream of \"image\" (+ \"prompt\")\n"
 	       "frames on standard input.  The defaults are the study's recipe (see sd-lora-train(1)).\n"
 	       "\n"
 	       "  -m, --model PATH        diffusers folder, single-file .safetensors or .ckpt (default $SD_MODEL)\n"
@@ -47,7 +48,7 @@ static void usage(void)
 	       "                          (repeatable: the same adapter in several places or formats)\n"
 	       "      --format F          kohya or peft (default: from OUTPUT)\n"
 	       "      --caption TEXT      the caption of every image (default: the .txt files, or the frames' prompt)\n"
-	       "      --resolution N      train at NxN pixels (default 512)\n"
+	       "      --resolution N      train at NxN pixels (default: the model's own size, 512 for SD 1.x)\n"
 	       "      --resize MODE       squash (default, the study's) or crop\n"
 	       "      --flip              flip each image horizontally with probability 1/2\n"
 	       "      --train LIST        components to train: unet,text,vae (default all three)\n"
@@ -74,12 +75,12 @@ static void usage(void)
 	       "      --eval              report the loss on a fixed batch before and after training\n"
 	       "      --log FILE          write step, epoch, loss, lr, grad_norm, seconds as TSV\n"
 	       "      --state FILE        training state file (default OUTPUT.state)\n"
-	       "      --save-every N      save the training state every N steps\n"
+	       "      --save-every N      save the training state and the adapter every N steps\n"
 	       "      --resume FILE       continue from a saved training state\n"
 	       "      --sample-every N    write a preview image every N steps (and at the end)\n"
 	       "      --sample-prompt T   the previews' prompt (default: the first caption)\n"
 	       "      --sample-steps N    sampler steps of a preview (default 20)\n"
-	       "      --sample-prefix P   previews go to P-stepN.ppm (default OUTPUT-sample)\n"
+	       "      --sample-prefix P   previews go to P-stepN.png (default OUTPUT-sample)\n"
 	       "      --vae-recon-weight W  train the decoder-side VAE LoRA on W * MSE(decode(z), image)\n"
 	       "                          (needs vae in --train; default 0: the decoder adapter stays zero)\n"
 	       "  -v, --verbose           report the set-up on standard error\n"
@@ -420,11 +421,28 @@ static void write_output(struct run *r)
 		} else {
 			int skipped;
 			if (sd_lora_write_kohya(r->tr, &o->cfg, out, meta, &skipped)) sd_die("%s", sd_errmsg());
-			if (skipped) sd_warn("%s: the %d VAE adapters are not in the kohya file (no kohya spelling); use a PEFT "
+			static int warned; /* once, not at every --save-every */
+			if (skipped && !warned++) sd_warn("%s: the %d VAE adapters are not in the kohya file (no kohya spelling); use a PEFT "
 			                     "folder (-o DIR/) to keep them", out, skipped);
 		}
 		sd_info("wrote %s after %lld steps", out, r->step);
 	}
+}
+
+/* A failure of the training step: an allocation that cannot succeed says what to lower. */
+static void die_step(const struct run *r, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static void die_step(const struct run *r, const char *fmt, ...)
+{
+	char where[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(where, sizeof where, fmt, ap);
+	va_end(ap);
+	const char *e = sd_errmsg();
+	if (strstr(e, "out of memory"))
+		sd_die("%s: %s; lower --resolution (now %d) or --batch (now %d)%s", where, e, r->o->res, r->o->batch,
+		       r->o->cfg.checkpointing ? "" : ", or add --checkpointing");
+	sd_die("%s: %s", where, e);
 }
 
 /* ==== previews ==== */
@@ -432,7 +450,7 @@ static void write_output(struct run *r)
 /*
  * A preview with the current adapters: they are written to a temporary PEFT folder and the tools run
  * as a shell pipe (txt2img: sd-tokenize | sd-text-encode | sd-noise | sd-unet-step | sd-vae-decode |
- * tensortopnm), the tools found next to this program first, then on PATH.  Seed fixed (--seed), so
+ * tensortopng), the tools found next to this program first, then on PATH.  Seed fixed (--seed), so
  * previews of different steps compare.  A failing preview is a warning, not the end of the run.
  */
 static void preview(struct run *r, const char *model, const char *prompt)
@@ -444,7 +462,7 @@ static void preview(struct run *r, const char *model, const char *prompt)
 		return;
 	}
 	snprintf(peft, sizeof peft, "%s/a", dir);
-	snprintf(out, sizeof out, "%s-step%lld.ppm", o->sample_prefix, r->step);
+	snprintf(out, sizeof out, "%s-step%lld.png", o->sample_prefix, r->step);
 	if (sd_lora_write_peft(r->tr, &o->cfg, peft, NULL)) {
 		sd_warn("preview: %s", sd_errmsg());
 	} else {
@@ -463,13 +481,11 @@ static void preview(struct run *r, const char *model, const char *prompt)
 		         "sd-text-encode -m \"$SDLT_MODEL\" --lora \"$SDLT_LORA\" | "
 		         "sd-noise -m \"$SDLT_MODEL\" -W %d -H %d --seed %llu --steps %d - | "
 		         "sd-unet-step -m \"$SDLT_MODEL\" --lora \"$SDLT_LORA\" | "
-		         "sd-vae-decode -m \"$SDLT_MODEL\" --lora \"$SDLT_LORA\" | tensortopnm > \"$SDLT_OUT.tmp\" && "
-		         "mv \"$SDLT_OUT.tmp\" \"$SDLT_OUT\"",
+		         "sd-vae-decode -m \"$SDLT_MODEL\" --lora \"$SDLT_LORA\" | tensortopng -o \"$SDLT_OUT\"",
 		         o->res, o->res, (unsigned long long)o->seed, o->sample_steps);
 		int rc = system(cmd);
 		if (rc != 0) {
 			sd_warn("preview at step %lld failed (status %d)", r->step, rc);
-			unlink(strcat(strcpy(cmd, out), ".tmp"));
 		} else {
 			sd_info("preview: %s", out);
 		}
@@ -527,7 +543,7 @@ int main(int argc, char **argv)
 
 	sd_cli_init_compute(argc, argv);
 	sd_train_defaults(&o.cfg);
-	o.res = 512, o.batch = 4, o.epochs = 100, o.accum = 1;
+	o.res = 0, o.batch = 4, o.epochs = 100, o.accum = 1;
 	o.sched = "constant";
 	o.sample_steps = 20;
 	opterr = 0;
@@ -611,7 +627,7 @@ int main(int argc, char **argv)
 	if (!o.output) sd_usage_error("no output: -o FILE.safetensors or -o DIR/");
 	if (o.vae_recon > 0 && !(o.cfg.train & SD_TRAIN_VAE)) sd_usage_error("--vae-recon-weight: needs vae in --train");
 	o.cfg.vae_recon_weight = (float)o.vae_recon;
-	if (o.res % 8) sd_usage_error("--resolution: %d is not a multiple of 8", o.res);
+	if (o.res && o.res % 8) sd_usage_error("--resolution: %d is not a multiple of 8", o.res);
 	o.cfg.seed = o.seed;
 	if (o.format && !strcmp(o.format, "kohya") && o.cfg.train == SD_TRAIN_VAE)
 		sd_usage_error("--format kohya cannot hold VAE adapters; use --format peft");
@@ -634,23 +650,47 @@ int main(int argc, char **argv)
 		o.sample_prefix = sample_prefix;
 	}
 
-	/* inputs and outputs first: a bad data set or output fails before the model loads */
-	for (int i = 0; i < o.nout; i++) check_writable(o.outputs[i], "-o");
-	if (o.save_every) check_writable(state_path, "--state");
+	/* outputs first: a file in the way fails before anything is read, and nothing the trainer did not
+	 * write is ever replaced (the adapters, the state, the log) */
+	for (int i = 0; i < o.nout; i++) {
+		check_writable(o.outputs[i], "-o");
+		if (sd_train_check_output(o.outputs[i], is_peft(&o, o.outputs[i]) ? SD_TRAIN_FILE_PEFT : SD_TRAIN_FILE_KOHYA))
+			sd_die("-o: %s", sd_errmsg());
+	}
+	check_writable(state_path, "--state");
+	if (sd_train_check_output(state_path, SD_TRAIN_FILE_STATE)) sd_die("--state: %s", sd_errmsg());
+	if (o.log && sd_train_check_output(o.log, SD_TRAIN_FILE_LOG)) sd_die("--log: %s", sd_errmsg());
 	enum sd_device dev;
 	if (sd_device_parse(o.device, &dev)) sd_usage_error("--device: %s", sd_errmsg());
 	r.o = &o;
 	double t0 = sd_now();
+
+	/* the model's index and sizes (no weights yet), then the data set at the model's own size */
+	sd_model *m = sd_model_open(o.model, o.config);
+	if (!m) sd_die("%s", sd_errmsg());
+	sd_geometry geo;
+	if (sd_model_geometry(m, &geo)) sd_die("%s", sd_errmsg());
+	if (!o.res) o.res = geo.sample_size * geo.factor;
+	if (o.res % geo.factor)
+		sd_usage_error("--resolution: %d is not a multiple of the VAE's factor %d", o.res, geo.factor);
 	if (!(r.ds = sd_dataset_read(argv[optind], o.res, (enum sd_resize_mode)o.resize))) sd_die("%s", sd_errmsg());
-	for (int i = 0; i < r.ds->n && !o.caption; i++)
+	if (o.caption) {
+		/* --caption wins over the data set's own captions, and is what the hash (and --resume) sees */
+		int had = 0;
+		for (int i = 0; i < r.ds->n; i++) {
+			had += r.ds->captions[i] != NULL;
+			free(r.ds->captions[i]);
+			if (!(r.ds->captions[i] = strdup(o.caption))) sd_die("out of memory");
+		}
+		if (had)
+			sd_warn("--caption replaces the captions of %d of the %d images (their .txt files or frame prompts)", had,
+			        r.ds->n);
+	}
+	for (int i = 0; i < r.ds->n; i++)
 		if (!r.ds->captions[i])
 			sd_die("%s: no caption (a same-name .txt file, a \"prompt\" in the frame, or --caption TEXT)", r.ds->names[i]);
 	sd_dataset_hash(r.ds, r.hash);
 	sd_info("%s: %d images at %dx%d (%.2f s), hash %s", argv[optind], r.ds->n, o.res, o.res, sd_now() - t0, r.hash);
-
-	/* the model */
-	sd_model *m = sd_model_open(o.model, o.config);
-	if (!m) sd_die("%s", sd_errmsg());
 	sd_weights *w[3] = {NULL, NULL, NULL};
 	for (int k = 0; k < 3; k++)
 		if (!(w[k] = sd_weights_load(m, (enum sd_component)k, dev))) sd_die("%s", sd_errmsg());
@@ -661,7 +701,6 @@ int main(int argc, char **argv)
 	if (!(r.tok = sd_tokenizer_load(sd_model_tokenizer_dir(m)))) sd_die("tokenizer: %s", sd_errmsg());
 	const sd_vae_config *vc = sd_vae_get_config(vae);
 	int f = sd_vae_factor(vae);
-	if (o.res % f) sd_usage_error("--resolution: %d is not a multiple of the VAE's factor %d", o.res, f);
 	r.lc = vc->latent_channels, r.lh = r.lw = o.res / f, r.sf = vc->scaling_factor, r.nt = 1000;
 	int64_t ntt;
 	/* the number of training timesteps from the model's scheduler config, when it says */
@@ -692,14 +731,14 @@ int main(int argc, char **argv)
 				for (int xx = 0; xx < o.res; xx++) d[y * o.res + xx] = s[y * o.res + (k < n ? xx : o.res - 1 - xx)];
 			sd_vae_tiling nt = {-1, 0};
 			if (sd_vae_encode(vae, mom, x, &nt) || sd_vae_posterior(r.mean[k], NULL, r.std[k], mom))
-				sd_die_lib("%s: encoding", r.ds->names[k % n]);
+				die_step(&r, "%s: encoding", r.ds->names[k % n]);
 			sd_tensor_free(x);
 			sd_tensor_free(mom);
 		}
 		sd_info("cached %d latents (%.2f s)", nn, sd_now() - t1);
 	}
 
-	if (!(r.tr = sd_trainer_new(&o.cfg, u, te, (o.cfg.train & SD_TRAIN_VAE) ? vae : NULL))) sd_die("%s", sd_errmsg());
+	if (!(r.tr = sd_trainer_new(&o.cfg, u, te, (o.cfg.train & SD_TRAIN_VAE) ? vae : NULL))) die_step(&r, "set-up");
 	sd_info("%d LoRA tensors on %s, rank %d, alpha %g", sd_trainer_param_count(r.tr), sd_device_name(dev), o.cfg.rank,
 	        o.cfg.alpha);
 	sd_rng_seed(&r.rng, o.seed);
@@ -755,7 +794,7 @@ int main(int argc, char **argv)
 			struct batch B;
 			make_batch(&r, &B, idx, N, &r.rng, 0);
 			double l;
-			if (sd_trainer_accumulate(r.tr, &B.b, 1.0f / o.accum, &l)) sd_die_lib("step %lld", r.step + 1);
+			if (sd_trainer_accumulate(r.tr, &B.b, 1.0f / o.accum, &l)) die_step(&r, "step %lld", r.step + 1);
 			batch_free(&B);
 			loss += l / o.accum;
 			recon += sd_trainer_recon_loss(r.tr) / o.accum;
@@ -767,7 +806,7 @@ int main(int argc, char **argv)
 			sd_die("step %lld: the loss is %g; stopping (the last good state, step %lld, is in %s)", r.step + 1, loss,
 			       r.step, state_path);
 		}
-		if (sd_trainer_apply(r.tr)) sd_die_lib("step %lld", r.step + 1);
+		if (sd_trainer_apply(r.tr)) die_step(&r, "step %lld", r.step + 1);
 		r.step++;
 		double el = sd_now() - tstart, ips = (r.step - s0) / (el > 0 ? el : 1e-9);
 		if (logf) {
@@ -786,9 +825,11 @@ int main(int argc, char **argv)
 		} else if (r.step % every == 0 || r.step == r.total) {
 			fprintf(stderr, "%s: step %lld/%lld loss %.6f%s lr %.3g %.2f it/s\n", sd_prog, r.step, r.total, loss, rs, lr, ips);
 		}
-		if (o.save_every && r.step % o.save_every == 0 && r.step < r.total &&
-		    save_state(&r, state_path, r.step, sd_trainer_micro(r.tr), &r.rng))
-			sd_die("--save-every: %s: %s", state_path, sd_errmsg());
+		if (o.save_every && r.step % o.save_every == 0 && r.step < r.total) {
+			if (save_state(&r, state_path, r.step, sd_trainer_micro(r.tr), &r.rng))
+				sd_die("--save-every: %s: %s", state_path, sd_errmsg());
+			write_output(&r); /* the adapter so far, loadable by --lora while training goes on */
+		}
 		if (o.sample_every && (r.step % o.sample_every == 0 || r.step == r.total)) {
 			sd_trainer_set_training(r.tr, 0);
 			preview(&r, o.model, o.sample_prompt ? o.sample_prompt : o.caption ? o.caption : r.ds->captions[0]);

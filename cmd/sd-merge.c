@@ -13,6 +13,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <strings.h>
 
 #include "sd.h"
@@ -152,6 +153,8 @@ int main(int argc, char **argv)
 		if (!o.model && !(env && *env)) sd_usage_error("no model: give -m MODEL or set SD_MODEL");
 		o.models[o.nmodels++] = o.model ? o.model : env;
 	}
+	struct stat st;
+	if (lstat(o.output, &st) == 0) sd_die("%s: already exists (remove it first)", o.output); /* before any work */
 	enum layout layout = o.layout != LAYOUT_AUTO ? o.layout
 	                     : ends_with(o.output, ".safetensors") ? LAYOUT_SINGLE : LAYOUT_DIFFUSERS;
 

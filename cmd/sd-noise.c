@@ -82,55 +82,6 @@ static uint64_t random_seed(void)
 	return s & (uint64_t)INT64_MAX;
 }
 
-/* What text-to-image needs from the model: the VAE's factor 2^(blocks−1), its latent channels and the
- * UNet's sample_size (0 when unknown).  From the config files of a diffusers folder when it has them
- * (nothing else is read), else from the VAE's weights and config as the loader infers them. */
-struct geom {
-	int factor, channels, sample_size;
-};
-
-static int json_geom(const char *dir, struct geom *g)
-{
-	char path[4096];
-	snprintf(path, sizeof path, "%s/vae/config.json", dir);
-	json_error_t e;
-	json_t *v = json_load_file(path, 0, &e);
-	if (!v) return -1;
-	json_t *boc = json_object_get(v, "block_out_channels"), *lc = json_object_get(v, "latent_channels");
-	int ok = json_is_array(boc) && json_array_size(boc) >= 1 && json_array_size(boc) <= 16;
-	if (ok) {
-		g->factor = 1 << (json_array_size(boc) - 1);
-		g->channels = json_is_integer(lc) ? (int)json_integer_value(lc) : 4;
-	}
-	json_decref(v);
-	if (!ok || g->channels < 1 || g->channels > 1024) return -1;
-	snprintf(path, sizeof path, "%s/unet/config.json", dir);
-	json_t *u = json_load_file(path, 0, &e);
-	json_t *ss = u ? json_object_get(u, "sample_size") : NULL;
-	if (json_is_integer(ss) && json_integer_value(ss) > 0 && json_integer_value(ss) < 65536)
-		g->sample_size = (int)json_integer_value(ss);
-	json_decref(u);
-	return 0;
-}
-
-static void model_geom(sd_model *m, struct geom *g)
-{
-	memset(g, 0, sizeof *g);
-	if (!strcmp(sd_model_format(m), "diffusers") && json_geom(sd_model_path(m), g) == 0) return;
-	if (!sd_model_has(m, SD_VAE)) sd_die("%s: the model has no VAE (its factor sets the latent size)", sd_model_path(m));
-	sd_weights *w = sd_weights_load(m, SD_VAE, SD_DEVICE_CPU);
-	if (!w) sd_die("%s", sd_errmsg());
-	int64_t boc[16], lc = 4;
-	int n = 0;
-	if (sd_config_int_array(w, "block_out_channels", boc, 16, &n) != 0 || n < 1)
-		sd_die("%s: the VAE's config has no block_out_channels", sd_model_path(m));
-	if (sd_config_int(w, "latent_channels", &lc) < 0) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
-	g->factor = 1 << (n - 1);
-	g->channels = (int)lc;
-	g->sample_size = 64; /* SD 1.x: a single file carries no UNet sample_size */
-	sd_weights_free(w);
-}
-
 /* The frame's generator: restarted from --seed, else continued, else seeded at random (*seed_out). */
 static void frame_rng(const struct opts *o, const sd_value *frame, sd_rng *rng, const char *name, long idx)
 {
@@ -165,7 +116,7 @@ static sd_value *frame_plan(sd_value *frame, const char *name, long idx)
 }
 
 /* Text to image: latent = randn([B, C, H/f, W/f]) in one draw, the plan with nothing run yet. */
-static void txt2img(const struct opts *o, const struct geom *g, sd_value *frame, const char *name, long idx)
+static void txt2img(const struct opts *o, const sd_geometry *g, sd_value *frame, const char *name, long idx)
 {
 	if (sd_map_get(frame, "latent"))
 		sd_die("%s: frame %ld: the frame already has a \"latent\" (give --strength to noise it for image "
@@ -326,9 +277,9 @@ int main(int argc, char **argv)
 
 	sd_model *m = sd_model_open(o.model, o.config);
 	if (!m) sd_die("%s", sd_errmsg());
-	struct geom g = {0};
+	sd_geometry g = {0};
 	if (!o.has_strength) {
-		model_geom(m, &g);
+		if (sd_model_geometry(m, &g)) sd_die("%s", sd_errmsg());
 		int def = g.sample_size ? g.sample_size * g.factor : 512;
 		if (!o.width) o.width = def;
 		if (!o.height) o.height = def;

@@ -467,6 +467,7 @@ int main(int argc, char **argv)
 		sd_tensor_free(r.ctx2);
 		sd_tensor_free(r.xin);
 		sd_tensor_free(r.eps);
+		sd_frame_note_generation(frame, cf, o.model, (const char *const *)o.lora, o.nlora);
 		sd_write_frame_or_die(frame);
 		sd_value_free(frame);
 		nframes++;

@@ -10,6 +10,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "sd.h"
 #include "sd_cli.h"
@@ -18,6 +19,7 @@ struct opts {
 	int maxval;          /* --maxval, 255 by default */
 	const char *key;     /* --key, "image" by default */
 	const char *pattern; /* -o, NULL for stdout */
+	int force;           /* -f: replace existing files */
 };
 
 static void usage(void)
@@ -31,7 +33,9 @@ static void usage(void)
 	       "  -k, --key KEY      write the tensor KEY instead of \"image\"\n"
 	       "  -o, --output PATTERN\n"
 	       "                     write image number i (from 0) to the file PATTERN with %%d replaced\n"
-	       "                     by i (printf style, e.g. out%%03d.ppm) instead of standard output\n"
+	       "                     by i (printf style, e.g. out%%03d.ppm) instead of standard output;\n"
+	       "                     an existing file is not replaced\n"
+	       "  -f, --force        replace existing files\n"
 	       "  -v, --verbose      report each image on standard error\n"
 	       "  -h, --help         display this help and exit\n"
 	       "      --version      output version information and exit\n"
@@ -91,6 +95,7 @@ int main(int argc, char **argv)
 		{"maxval", required_argument, NULL, 'M'},
 		{"key", required_argument, NULL, 'k'},
 		{"output", required_argument, NULL, 'o'},
+		{"force", no_argument, NULL, 'f'},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, 'V'},
@@ -101,11 +106,12 @@ int main(int argc, char **argv)
 
 	sd_cli_init(argc, argv);
 	opterr = 0;
-	while ((c = getopt_long(argc, argv, ":k:o:vh", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":k:o:fvh", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'M': o.maxval = (int)sd_parse_int("--maxval", optarg, 1, 65535); break;
 		case 'k': o.key = optarg; break;
 		case 'o': check_pattern(optarg); o.pattern = optarg; break;
+		case 'f': o.force = 1; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case 'V': sd_print_version(); break;
@@ -144,6 +150,9 @@ int main(int argc, char **argv)
 				char file[4096];
 				int k = snprintf(file, sizeof file, o.pattern, (int)nimages);
 				if (k < 0 || (size_t)k >= sizeof file) sd_die("-o: file name too long");
+				struct stat st;
+				if (!o.force && lstat(file, &st) == 0)
+					sd_die("%s: exists; refusing to replace it (use --force)", file);
 				if (sd_write_file_atomic(file, buf, len) < 0) sd_die_lib("%s", file);
 				sd_info("frame %ld: wrote %s", idx, file);
 			} else {

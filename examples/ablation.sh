@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # examples/ablation.sh - the study's four settings on one style: LoRA on all three components; without
 # the text encoder; without the VAE; without the UNet.  Each trains an adapter (PEFT folders, since
 # three of them hold a VAE adapter), draws the study's prompts "A photo of a doctor/car/boy in the
@@ -9,17 +9,17 @@
 # Usage: ablation.sh [OPTION]... DIR CAPTION CONTENT [OUTDIR]
 #   -m, --model PATH      the model (default $SD_MODEL)
 #   -s, --seed S          seed of everything (default $SEED, else 0)
-#   -r, --resolution N    training and image size (default $RESOLUTION, else 512)
+#   -r, --resolution N    training and image size (default $RESOLUTION, else the model's own)
 #       --epochs N        (default $EPOCHS, else 100)
 #       --steps N         inference steps (default $STEPS, else 50)
 #   -v, --verbose         let every tool report its progress
-# DIR holds PNM/PAM pictures of the style (convert PNG/JPEG first, or see train-style.sh); CONTENT is the
-# picture to transfer.  OUTDIR (default ablation) receives <setting>/ adapters, <setting>-*.ppm and
+# DIR holds the pictures of the style (PNG, JPEG or PNM); CONTENT is the picture to transfer.
+# OUTDIR (default ablation) receives <setting>/ adapters, <setting>-*.ppm and
 # sheet.ppm; settings: all, no-text, no-vae, no-unet.
-set -eu
-usage() { sed -n '9,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+set -euo pipefail
+usage() { sed -n '9,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "ablation.sh: $*" >&2; exit 2; }
-model=${SD_MODEL:-} seed=${SEED:-0} res=${RESOLUTION:-512} epochs=${EPOCHS:-100} steps=${STEPS:-50} verbose=''
+model=${SD_MODEL:-} seed=${SEED:-0} res=${RESOLUTION:-} epochs=${EPOCHS:-100} steps=${STEPS:-50} verbose=''
 while [ $# -gt 0 ]; do
 	case $1 in
 	-m|--model) model=${2?}; shift 2;;
@@ -43,11 +43,11 @@ mkdir -p "$outdir"
 images() { # NAME [LORA]
 	n=$1 l=${2:+--lora $2}
 	for what in doctor car boy; do
-		"$top/examples/txt2img.sh" -m "$model" -s "$seed" -W "$res" -H "$res" --steps "$steps" $l $verbose \
-			"A photo of a $what in the style of **" "$outdir/$n-$what.ppm" >/dev/null
+		sd-txt2img -m "$model" -s "$seed" ${res:+-W "$res" -H "$res"} --steps "$steps" $l $verbose \
+			-p "A photo of a $what in the style of **" -o "$outdir/$n-$what.ppm" --force >/dev/null 2>&1
 	done
-	"$top/examples/img2img.sh" -m "$model" -s "$seed" -W "$res" -H "$res" --steps "$steps" --strength 0.7 $l \
-		$verbose "$content" "A photo in the style of **" "$outdir/$n-transfer.ppm" >/dev/null
+	sd-img2img -m "$model" -s "$seed" ${res:+-W "$res" -H "$res"} --steps "$steps" --strength 0.7 $l \
+		$verbose -i "$content" -p "A photo in the style of **" -o "$outdir/$n-transfer.ppm" --force >/dev/null 2>&1
 	pnmcat -lr "$outdir/$n-doctor.ppm" "$outdir/$n-car.ppm" "$outdir/$n-boy.ppm" "$outdir/$n-transfer.ppm" \
 		> "$outdir/$n-row.ppm"
 }
@@ -57,7 +57,7 @@ rows="$outdir/base-row.ppm"
 for setting in all:unet,text,vae no-text:unet,vae no-vae:unet,text no-unet:text,vae; do
 	n=${setting%%:*} train=${setting#*:}
 	echo "ablation.sh: $n (--train $train)" >&2
-	sd-lora-train -m "$model" --seed "$seed" --resolution "$res" --epochs "$epochs" --caption "$caption" \
+	sd-lora-train -m "$model" --seed "$seed" ${res:+--resolution "$res"} --epochs "$epochs" --caption "$caption" \
 		--train "$train" --log "$outdir/$n-loss.tsv" $verbose -o "$outdir/$n/" "$dir"
 	images "$n" "$outdir/$n"
 	rows="$rows $outdir/$n-row.ppm"

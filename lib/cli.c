@@ -196,3 +196,53 @@ const sd_tensor *sd_frame_f32(const sd_value *frame, const char *key, const char
 	if (!(*conv = sd_tensor_convert(t, SD_DTYPE_F32))) sd_die_lib("%s: frame %ld: \"%s\"", name, idx, key);
 	return *conv;
 }
+
+/* The name a path goes by in a picture's parameters: its last component, without a .safetensors,
+ * .ckpt, .pt or .bin extension ("models/sd15/" → "sd15", "style.safetensors" → "style"). */
+static char *stem(const char *path)
+{
+	size_t n = strlen(path);
+	while (n > 1 && path[n - 1] == '/') n--;
+	size_t b = n;
+	while (b > 0 && path[b - 1] != '/') b--;
+	static const char *const ext[] = {".safetensors", ".ckpt", ".pt", ".bin"};
+	for (size_t k = 0; k < sizeof ext / sizeof *ext; k++) {
+		size_t e = strlen(ext[k]);
+		if (n - b > e && !strncmp(path + n - e, ext[k], e)) {
+			n -= e;
+			break;
+		}
+	}
+	return strndup(path + b, n - b);
+}
+
+void sd_frame_note_generation(sd_value *frame, const sd_value *cond, const char *model, const char *const *lora,
+                              int nlora)
+{
+	static const char *const text[] = {"prompt", "negative_prompt"};
+	for (int k = 0; k < 2 && cond && cond != frame; k++) {
+		const char *s = sd_map_str(cond, text[k]);
+		if (s && !sd_map_get(frame, text[k]) && sd_map_set_str(frame, text[k], s)) sd_die("out of memory");
+	}
+	const char *mp = model && *model ? model : getenv("SD_MODEL");
+	char *ms = mp && *mp ? stem(mp) : NULL;
+	if (ms && sd_map_set_str(frame, "model", ms)) sd_die("out of memory");
+	free(ms);
+	if (nlora <= 0) return;
+	sd_value *arr = sd_value_array();
+	for (int i = 0; arr && i < nlora; i++) {
+		char *path;
+		float scale;
+		if (sd_lora_parse_arg(lora[i], &path, &scale)) sd_die("--lora: %s", sd_errmsg());
+		char *ls = stem(path);
+		sd_value *e = sd_value_map();
+		char sb[32];
+		snprintf(sb, sizeof sb, "%.7g", scale); /* the scale as typed, not its float's 17 digits */
+		if (!ls || !e || sd_map_set_str(e, "name", ls) || sd_map_set_float(e, "scale", strtod(sb, NULL)) ||
+		    sd_array_push(arr, e))
+			sd_die("out of memory");
+		free(ls);
+		free(path);
+	}
+	if (!arr || sd_map_set(frame, "lora", arr)) sd_die("out of memory");
+}

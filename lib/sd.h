@@ -342,6 +342,49 @@ int sd_pnm_write(FILE *f, const sd_tensor *image, int maxval);
  * atomically, or one write per image). */
 int sd_pnm_pack(const sd_tensor *image, int maxval, char **buf, size_t *len);
 
+/* ==== PNG and JPEG (lib/io/image.c) ==== */
+
+enum { SD_IMAGE_PNM = 1, SD_IMAGE_PNG = 2, SD_IMAGE_JPEG = 3 };
+
+/* The format of the n bytes at buf by their magic: SD_IMAGE_PNM ("P1".."P7"), SD_IMAGE_PNG (the 8-byte
+ * signature), SD_IMAGE_JPEG (FF D8 FF), or 0 when unknown or too short. */
+int sd_image_sniff(const void *buf, size_t n);
+/* The largest image read, in pixels: 2^28 unless $SD_MAX_PIXELS says otherwise (pnm.c's cap). */
+int64_t sd_image_max_pixels(void);
+/*
+ * Decode one PNG (1-16 bits; gray, gray+alpha, RGB, RGBA, palette), JPEG (gray, YCbCr, RGB; not CMYK)
+ * or PNM image (the first of the buffer) into a new f32 [1,C,H,W] tensor, values sample/maxval in [0,1]:
+ * C = 1 for gray, 3 otherwise (palette expanded, alpha ignored as PIL's convert("RGB") does).  *maxval
+ * (when not NULL) gets 255 or 65535 (PNM: the file's).  *text (when not NULL) gets a new MAP of the PNG's
+ * text chunks (key → UTF-8 string; NULL when none or not a PNG) that the caller frees.  An image over
+ * sd_image_max_pixels() is refused before its raster is allocated; corrupt or truncated data is an error.
+ * NULL with "<name>: …" on failure.
+ */
+sd_tensor *sd_image_decode(const void *buf, size_t len, const char *name, int *maxval, sd_value **text);
+/* The same for the rest of stream f (read to its end, at most 1 GiB), and for a file. */
+sd_tensor *sd_image_read(FILE *f, const char *name, int *maxval, sd_value **text);
+sd_tensor *sd_image_read_file(const char *path, int *maxval, sd_value **text);
+/*
+ * Encode an f32 [C,H,W] or [1,C,H,W] image (C = 1 gray, 3 RGB) as a PNG of 8 or 16 bits into a malloc'd
+ * buffer (*buf, *len) the caller frees: clamped to [0,1] (NaN and -Inf as 0) and rounded like
+ * sd_pnm_pack, so a PNG and a PPM of one tensor hold the same samples.  text: key, value, …, NULL (may be
+ * NULL); keys printable ASCII (1-79 characters), values UTF-8, written as tEXt when ASCII, else iTXt;
+ * a "Software: sdpipe <version>" chunk is added unless text has one.  -1 with a message.
+ */
+int sd_png_pack(const sd_tensor *image, int bits, const char *const *text, char **buf, size_t *len);
+/* 1 when path is a PNG whose first Software text (before the image data) starts with "sdpipe"; 0 when
+ * it is not (another PNG, not a PNG, no such file); -1 with a message on another read error. */
+int sd_png_made_by_sdpipe(const char *path);
+/*
+ * The AUTOMATIC1111 "parameters" text of image `index` of `count` (the batch) of a frame, width x height:
+ * the prompt with " <lora:NAME:SCALE>" tags, "Negative prompt: …" when there is one, and the line
+ * "Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …, Batch size: …, Batch pos: …,
+ * Denoising strength: …, Eta: …, Version: sdpipe …" from the frame's prompt, negative_prompt, model,
+ * lora [{name, scale}], sampler {name, steps, seed, karras, guidance, strength, eta} and generator {seed},
+ * each field only when its source is there.  A new string the caller frees; NULL only when out of memory.
+ */
+char *sd_a1111_parameters(const sd_value *frame, int64_t index, int64_t count, int64_t width, int64_t height);
+
 /* ==== CLIP tokenizer (lib/models/tokenizer.c) ==== */
 
 #define SD_CLIP_BOS 49406
@@ -424,6 +467,17 @@ int sd_model_has(const sd_model *m, enum sd_component c);
 const char *sd_model_tokenizer_dir(const sd_model *m);
 /* scheduler/scheduler_config.json as text (NULL when the model has none). */
 const char *sd_model_scheduler_json(const sd_model *m);
+
+/* What text to image and training need to size their tensors: the VAE's factor 2^(blocks-1), its latent
+ * channels, and the UNet's sample_size in latent pixels (so the model's own image size is
+ * sample_size x factor: 512 for SD 1.x).  From the config files of a diffusers folder when it has them
+ * (no weights are read), else from the VAE's weights and config as the loader infers them, with
+ * sample_size 64 (a single file carries none; the SD 1.x value).  -1 with a message when the model has
+ * no VAE or its config is unusable. */
+typedef struct sd_geometry {
+	int factor, channels, sample_size;
+} sd_geometry;
+int sd_model_geometry(sd_model *m, sd_geometry *g);
 
 /*
  * One component's weights, named as diffusers names them (e.g. "text_model.encoder.layers.0.mlp.fc1.weight",
@@ -1698,11 +1752,21 @@ void sd_trainer_set_micro(sd_trainer *t, uint64_t micro);
  * lora_te_<module> keys (.lora_down.weight = A, .lora_up.weight = B, .alpha f32 scalar); VAE adapters
  * have no kohya spelling and are left out (*skipped counts them).  PEFT: folder dir holding unet/,
  * text_encoder/ and vae/ (those trained) with adapter_config.json and adapter_model.safetensors
- * (base_model.model.<module>.lora_A.weight / .lora_B.weight), built in a temporary folder and renamed
- * into place (an existing dir is replaced).  meta (key, value, …, NULL) goes into every __metadata__.
+ * (base_model.model.<module>.lora_A.weight / .lora_B.weight): a new dir is built in a temporary folder
+ * and renamed into place; into an existing one only those component folders are written (each file
+ * atomically), nothing else in it is touched.  Both refuse, as sd_train_check_output, to replace what
+ * sd-lora-train did not write.  meta (key, value, …, NULL) goes into every __metadata__; an adapter
+ * counts as the trainer's when its metadata holds "sdpipe_train".
  */
 int sd_lora_write_kohya(const sd_trainer *t, const sd_train_config *c, const char *path, const char *const *meta,
                         int *skipped);
 int sd_lora_write_peft(const sd_trainer *t, const sd_train_config *c, const char *dir, const char *const *meta);
+
+/* The files the trainer writes, and whether one may be (re)written: 0 when path is absent or holds what
+ * sd-lora-train wrote there before (a kohya file or PEFT component folders whose metadata holds
+ * "sdpipe_train", a state file, a --log TSV); -1 with "<path>: exists and was not written by
+ * sd-lora-train; …" otherwise.  A PEFT dir may hold anything else besides its component folders. */
+enum sd_train_file { SD_TRAIN_FILE_KOHYA, SD_TRAIN_FILE_PEFT, SD_TRAIN_FILE_STATE, SD_TRAIN_FILE_LOG };
+int sd_train_check_output(const char *path, enum sd_train_file kind);
 
 #endif

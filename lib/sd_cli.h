@@ -63,6 +63,13 @@ void sd_write_frame_or_die(const sd_value *frame);
  * Called automatically at exit by sd_cli_init's atexit handler; call it explicitly before return 0. */
 void sd_close_stdout(void);
 
+/* What a picture's parameters are made of (tensortopng writes them in A1111's form): the "prompt" and
+ * "negative_prompt" of the conditioning frame `cond` copied into `frame` when it has none, "model" (the
+ * model path's name, from $SD_MODEL when model is NULL) and "lora" ([{"name", "scale"}] for the
+ * --lora arguments given; the key is replaced). */
+void sd_frame_note_generation(sd_value *frame, const sd_value *cond, const char *model, const char *const *lora,
+                              int nlora);
+
 /* 1 when stderr is a terminal (progress bars). */
 int sd_stderr_tty(void);
 

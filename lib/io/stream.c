@@ -540,6 +540,8 @@ static int reserve(sd_reader *r, size_t n, const struct where *w)
  * once it is whole.  1 with *frame set (the caller owns it), 0 at a clean end of the stream, -1 with a
  * message naming the frame (and every later call fails too: the stream's framing is lost).
  */
+static void image_magic(sd_reader *r);
+
 int sd_reader_next(sd_reader *r, sd_value **frame)
 {
 	struct where w = {r->name, r->count, r->offset};
@@ -578,8 +580,31 @@ int sd_reader_next(sd_reader *r, sd_value **frame)
 	r->count++;
 	return 1;
 fail:
+	if (r->count == 0 && r->offset == 0) image_magic(r);
 	r->failed = 1;
 	return -1;
+}
+
+/*
+ * An image where a stream belongs (a PNG's 0x89 reads as a 9-entry map, a JPEG's 0xff as a negative
+ * integer, a PNM's 'P' as a positive one): replace the msgpack complaint by one that names the format
+ * and the converter.  Reads a few more bytes of the first frame when fewer have arrived (the stream
+ * has failed anyway).
+ */
+static void image_magic(sd_reader *r)
+{
+	if (r->len < 8 && reserve(r, 8, &(struct where){r->name, 0, 0}) == 0)
+		r->len += fread(r->buf + r->len, 1, 8 - r->len, r->f);
+	const unsigned char *b = (const unsigned char *)r->buf;
+	const char *what = NULL;
+	if (r->len >= 4 && !memcmp(b, "\x89PNG", 4)) what = "a PNG image";
+	else if (r->len >= 3 && b[0] == 0xff && b[1] == 0xd8 && b[2] == 0xff) what = "a JPEG image";
+	else if (r->len >= 3 && b[0] == 'P' && b[1] >= '1' && b[1] <= '7' && (b[2] == ' ' || b[2] == '\n' || b[2] == '\r' ||
+	                                                                     b[2] == '\t' || b[2] == '#'))
+		what = "a PNM image";
+	if (what)
+		sd_seterr("%s: %s, not a tensor stream (images enter a pipe through pnmtotensor: pnmtotensor FILE | ...)",
+		          r->name, what);
 }
 
 long sd_reader_index(const sd_reader *r)

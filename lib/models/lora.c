@@ -23,6 +23,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include "sd.h"
 
@@ -144,6 +145,10 @@ int sd_lora_parse_arg(const char *arg, char **path, float *scale)
 		if (!*end && errno == 0 && isfinite(v)) {
 			*scale = (float)v;
 			n = (size_t)(colon - arg);
+		} else if (access(arg, F_OK) != 0 && !strchr(colon + 1, '/')) {
+			/* PATH:SCALE with a scale that is not a number (a path with a colon in it exists) */
+			return sd_seterr("--lora '%s': the scale '%s' is not a number (PATH[:SCALE], e.g. style.safetensors:0.8)",
+			                 arg, colon + 1);
 		}
 	}
 	if (n == 0) return sd_seterr("--lora '%s': the path is empty", arg);

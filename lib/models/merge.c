@@ -323,6 +323,8 @@ static int check_dtype(enum sd_dtype d)
 int sd_model_write_single(const char *path, sd_weights *const ws[SD_COMPONENT_COUNT], enum sd_dtype dtype)
 {
 	if (check_dtype(dtype) < 0) return -1;
+	struct stat st;
+	if (lstat(path, &st) == 0) return sd_seterr("%s: already exists (remove it first)", path);
 	struct outset o = {0};
 	int rc = 0, any = 0;
 	for (int c = 0; c < SD_COMPONENT_COUNT && rc == 0; c++) {

@@ -975,3 +975,56 @@ const char *sd_config_json(const sd_weights *w)
 {
 	return w->config_text;
 }
+
+/* ==== geometry (sd_model_geometry) ==== */
+
+static int json_geometry(const char *dir, sd_geometry *g)
+{
+	char path[4096];
+	snprintf(path, sizeof path, "%s/vae/config.json", dir);
+	json_error_t e;
+	json_t *v = json_load_file(path, 0, &e);
+	if (!v) return -1;
+	json_t *boc = json_object_get(v, "block_out_channels"), *lc = json_object_get(v, "latent_channels");
+	int ok = json_is_array(boc) && json_array_size(boc) >= 1 && json_array_size(boc) <= 16;
+	if (ok) {
+		g->factor = 1 << (json_array_size(boc) - 1);
+		g->channels = json_is_integer(lc) ? (int)json_integer_value(lc) : 4;
+	}
+	json_decref(v);
+	if (!ok || g->channels < 1 || g->channels > 1024) return -1;
+	snprintf(path, sizeof path, "%s/unet/config.json", dir);
+	json_t *u = json_load_file(path, 0, &e);
+	json_t *ss = u ? json_object_get(u, "sample_size") : NULL;
+	if (json_is_integer(ss) && json_integer_value(ss) > 0 && json_integer_value(ss) < 65536)
+		g->sample_size = (int)json_integer_value(ss);
+	json_decref(u);
+	return 0;
+}
+
+int sd_model_geometry(sd_model *m, sd_geometry *g)
+{
+	memset(g, 0, sizeof *g);
+	if (!strcmp(sd_model_format(m), "diffusers") && json_geometry(sd_model_path(m), g) == 0) {
+		if (!g->sample_size) g->sample_size = 64;
+		return 0;
+	}
+	memset(g, 0, sizeof *g);
+	if (!sd_model_has(m, SD_VAE))
+		return sd_seterr("%s: the model has no VAE (its factor sets the latent size)", sd_model_path(m));
+	sd_weights *w = sd_weights_load(m, SD_VAE, SD_DEVICE_CPU);
+	if (!w) return -1;
+	int64_t boc[16], lc = 4;
+	int n = 0, rc = 0;
+	if (sd_config_int_array(w, "block_out_channels", boc, 16, &n) != 0 || n < 1)
+		rc = sd_seterr("%s: the VAE's config has no block_out_channels", sd_model_path(m));
+	else if (sd_config_int(w, "latent_channels", &lc) < 0)
+		rc = sd_preerr("%s", sd_model_path(m));
+	else if (lc < 1 || lc > 1024)
+		rc = sd_seterr("%s: the VAE's latent_channels %lld is out of range", sd_model_path(m), (long long)lc);
+	g->factor = 1 << (n > 0 ? n - 1 : 0);
+	g->channels = (int)lc;
+	g->sample_size = 64; /* SD 1.x: a single file carries no UNet sample_size */
+	sd_weights_free(w);
+	return rc;
+}

@@ -1,6 +1,7 @@
 /*
  * train/dataset.c - the training images of sd-lora-train: a folder or an archive (libarchive) of
- * PNM/PAM images with same-name .txt captions, or a tensor stream of "image" (+ "prompt") frames,
+ * PNG, JPEG or PNM/PAM images (lib/io/image.c) with same-name .txt captions, or a tensor stream of
+ * "image" (+ "prompt") frames,
  * resized to a square (the study squashed with PIL's bilinear Image.resize; crop keeps the aspect) and
  * scaled to [-1, 1] as diffusers' transforms.Normalize([0.5], [0.5]) does.
  */
@@ -286,19 +287,12 @@ static int from_entries(sd_dataset *d, struct entries *E, const char *where, enu
 	for (int i = 0; i < E->n; i++) {
 		struct entry *e = &E->e[i];
 		if (ends_with_ci(e->name, ".txt")) continue;
-		FILE *f = fmemopen(e->data, e->len ? e->len : 1, "rb");
-		if (!f) return sd_seterr("%s/%s: %s", where, e->name, strerror(errno));
-		sd_pnm_reader *r = e->len >= 2 && e->data[0] == 'P' && e->data[1] >= '1' && e->data[1] <= '7'
-		                       ? sd_pnm_reader_new(f, e->name) : NULL;
-		sd_tensor *img = NULL;
-		int rr = r ? sd_pnm_read(r, &img, NULL) : -1;
-		sd_pnm_reader_free(r);
-		fclose(f);
-		if (rr != 1) {
-			sd_tensor_free(img);
-			if (!r) return sd_seterr("%s/%s: not a PNM/PAM image (convert PNG/JPEG with pngtopnm/jpegtopnm)", where, e->name);
-			return sd_seterr("%s/%s: %s", where, e->name, rr == 0 ? "empty image file" : sd_errmsg());
-		}
+		if (!sd_image_sniff(e->data, e->len))
+			return sd_seterr("%s/%s: not a PNG, JPEG or PNM image", where, e->name);
+		char nm[4200];
+		snprintf(nm, sizeof nm, "%s/%s", where, e->name);
+		sd_tensor *img = sd_image_decode(e->data, e->len, nm, NULL, NULL);
+		if (!img) return -1;
 		sd_tensor *px = prepare(img, d->res, mode);
 		sd_tensor_free(img);
 		if (!px) return sd_preerr("%s/%s", where, e->name);
@@ -386,7 +380,7 @@ sd_dataset *sd_dataset_read(const char *path, int res, enum sd_resize_mode mode)
 		if (!rc) rc = from_entries(d, &E, path, mode);
 		entries_free(&E);
 	}
-	if (!rc && d->n == 0) rc = sd_seterr("%s: no images (PNM/PAM files) in the data set", !strcmp(path, "-") ? "stdin" : path);
+	if (!rc && d->n == 0) rc = sd_seterr("%s: no images (PNG, JPEG or PNM files) in the data set", !strcmp(path, "-") ? "stdin" : path);
 	if (rc) {
 		sd_dataset_free(d);
 		return NULL;

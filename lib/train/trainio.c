@@ -4,6 +4,7 @@
  * save_pretrained folders (adapter_config.json + adapter_model.safetensors per component, as the study
  * saved unet/, text_encoder/, vae/).  Both are read back by lib/models/lora.c.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <jansson.h>
@@ -57,6 +58,7 @@ int sd_lora_write_kohya(const sd_trainer *t, const sd_train_config *c, const cha
                         int *skipped)
 {
 	int n, m = 0, rc = -1;
+	if (sd_train_check_output(path, SD_TRAIN_FILE_KOHYA)) return -1;
 	sd_tensor **h = host_params(t, &n);
 	if (!h) return -1;
 	char **names = calloc(2 * n + 1, sizeof *names);
@@ -152,25 +154,113 @@ static int rm_one(const char *p, const struct stat *st, int flag, struct FTW *f)
 	return remove(p);
 }
 
+/* ==== what the trainer may replace ==== */
+
+static const char *const peft_sub[3] = {"text_encoder", "vae", "unet"};   /* by enum sd_component */
+static const char *const peft_files[2] = {"adapter_config.json", "adapter_model.safetensors"};
+
+/* 1 when path is a .safetensors file whose metadata says sd-lora-train wrote it. */
+static int st_is_ours(const char *path)
+{
+	sd_st *f = sd_st_open(path);
+	int ours = f && sd_st_meta(f, "sdpipe_train") != NULL;
+	sd_st_close(f);
+	return ours;
+}
+
+/* 1 when dir (a PEFT component folder) holds nothing but our two files, and the adapter says it is ours. */
+static int peft_sub_is_ours(const char *dir)
+{
+	DIR *d = opendir(dir);
+	if (!d) return 0;
+	struct dirent *de;
+	int ours = 1, has_model = 0;
+	while (ours && (de = readdir(d))) {
+		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+		if (!strcmp(de->d_name, peft_files[1])) has_model = 1;
+		else if (strcmp(de->d_name, peft_files[0])) ours = 0;
+	}
+	closedir(d);
+	if (ours && has_model) {
+		char p[4400];
+		snprintf(p, sizeof p, "%s/%s", dir, peft_files[1]);
+		ours = st_is_ours(p);
+	}
+	return ours;
+}
+
+static int refuse(const char *path, const char *why)
+{
+	return sd_seterr("%s: %s; sd-lora-train replaces only what it wrote itself (choose another name)", path, why);
+}
+
+int sd_train_check_output(const char *path, enum sd_train_file kind)
+{
+	struct stat st;
+	if (lstat(path, &st) != 0) {
+		if (errno == ENOENT) return 0;
+		return sd_seterr("%s: %s", path, strerror(errno));
+	}
+	if (kind == SD_TRAIN_FILE_PEFT) {
+		if (!S_ISDIR(st.st_mode)) return refuse(path, "exists and is not a folder");
+		size_t dl = strlen(path);
+		while (dl > 1 && path[dl - 1] == '/') dl--;
+		for (int c = 0; c < 3; c++) {
+			char p[4200];
+			snprintf(p, sizeof p, "%.*s/%s", (int)(dl < 4096 ? dl : 4096), path, peft_sub[c]);
+			if (lstat(p, &st) != 0) continue;
+			if (!S_ISDIR(st.st_mode) || !peft_sub_is_ours(p))
+				return refuse(p, "holds files that sd-lora-train did not write");
+		}
+		return 0;
+	}
+	if (!S_ISREG(st.st_mode)) return refuse(path, "exists and is not a regular file");
+	int ours = 0;
+	if (kind == SD_TRAIN_FILE_KOHYA) {
+		ours = st_is_ours(path);
+	} else {
+		/* the state (msgpack, its first key "format") and the log (a TSV header) say what they are */
+		char head[96] = {0};
+		FILE *f = fopen(path, "rb");
+		size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
+		if (f) fclose(f);
+		if (kind == SD_TRAIN_FILE_STATE) ours = memmem(head, n, "sdpipe-lora-train-state", 23) != NULL;
+		else ours = n >= 16 && !memcmp(head, "step\tepoch\tloss\t", 16);
+	}
+	return ours ? 0 : refuse(path, "exists and was not written by sd-lora-train");
+}
+
+/*
+ * PEFT folders.  A new dir is built whole in a temporary folder and renamed into place; into an
+ * existing one (checked by sd_train_check_output first) only the component folders are written, file
+ * by file and each atomically, and a component folder of an earlier run that this one does not train
+ * is removed (its two files were ours).  Nothing else in dir is touched: it may hold the training
+ * images.
+ */
 int sd_lora_write_peft(const sd_trainer *t, const sd_train_config *c, const char *dir, const char *const *meta)
 {
 	static const char *const def[3][5] = {{"q_proj", "v_proj", NULL}, {"to_q", "to_k", "to_v", NULL},
 	                                      {"to_q", "to_v", "query", "value", NULL}};
 	int n, rc = -1;
-	sd_tensor **h = host_params(t, &n);
-	if (!h) return -1;
 	size_t dl = strlen(dir);
 	while (dl > 1 && dir[dl - 1] == '/') dl--;
-	char tmp[4096], p[4200], old[4200];
-	if (dl + 64 > sizeof tmp) {
-		free_host(h, n);
-		return sd_seterr("%s: path too long", dir);
-	}
-	snprintf(tmp, sizeof tmp, "%.*s.tmp-XXXXXX", (int)dl, dir);
-	if (!mkdtemp(tmp)) {
-		sd_seterr("%.*s: cannot create a temporary folder next to it: %s", (int)dl, dir, strerror(errno));
-		free_host(h, n);
-		return -1;
+	char tmp[4200], p[4400], top[4096];
+	if (dl + 64 > sizeof top) return sd_seterr("%s: path too long", dir);
+	snprintf(top, sizeof top, "%.*s", (int)dl, dir);
+	if (sd_train_check_output(top, SD_TRAIN_FILE_PEFT)) return -1;
+	struct stat st;
+	int exists = stat(top, &st) == 0;
+	sd_tensor **h = host_params(t, &n);
+	if (!h) return -1;
+	if (exists) {
+		snprintf(tmp, sizeof tmp, "%s", top);
+	} else {
+		snprintf(tmp, sizeof tmp, "%s.tmp-XXXXXX", top);
+		if (!mkdtemp(tmp)) {
+			sd_seterr("%s: cannot create a temporary folder next to it: %s", top, strerror(errno));
+			free_host(h, n);
+			return -1;
+		}
 	}
 	char **names = calloc(n + 1, sizeof *names);
 	const sd_tensor **ts = calloc(n + 1, sizeof *ts);
@@ -193,44 +283,48 @@ int sd_lora_write_peft(const sd_trainer *t, const sd_train_config *c, const char
 			}
 			ts[m++] = h[i];
 		}
-		if (m == 0) continue;
-		snprintf(p, sizeof p, "%s/%s", tmp, sd_component_name((enum sd_component)comp));
-		if (mkdir(p, 0777)) {
+		snprintf(p, sizeof p, "%s/%s", tmp, peft_sub[comp]);
+		if (m == 0) {
+			/* an earlier run's adapter for a component not trained now (checked to be ours) */
+			if (exists && stat(p, &st) == 0) {
+				for (int k = 0; k < 2; k++) {
+					char q[4500];
+					snprintf(q, sizeof q, "%s/%s", p, peft_files[k]);
+					if (unlink(q) && errno != ENOENT) {
+						sd_seterr("%s: %s", q, strerror(errno));
+						goto fail;
+					}
+				}
+				if (rmdir(p)) {
+					sd_seterr("%s: %s", p, strerror(errno));
+					goto fail;
+				}
+			}
+			continue;
+		}
+		if (mkdir(p, 0777) && errno != EEXIST) {
 			sd_seterr("%s: %s", p, strerror(errno));
 			goto fail;
 		}
 		const char *const *tg = c->targets[comp] ? c->targets[comp] : def[comp];
 		char *js = peft_config(c, (enum sd_component)comp, tg);
-		snprintf(p, sizeof p, "%s/%s/adapter_config.json", tmp, sd_component_name((enum sd_component)comp));
+		snprintf(p, sizeof p, "%s/%s/%s", tmp, peft_sub[comp], peft_files[0]);
 		int wr = js ? sd_write_file_atomic(p, js, strlen(js)) : sd_seterr("out of memory");
 		free(js);
 		if (wr) goto fail;
-		snprintf(p, sizeof p, "%s/%s/adapter_model.safetensors", tmp, sd_component_name((enum sd_component)comp));
+		snprintf(p, sizeof p, "%s/%s/%s", tmp, peft_sub[comp], peft_files[1]);
 		wr = sd_st_write(p, m, (const char *const *)names, ts, meta);
 		for (int i = 0; i < m; i++) free(names[i]), names[i] = NULL;
 		if (wr) goto fail;
 	}
-	/* swap into place: an existing folder is moved aside, then removed */
-	snprintf(p, sizeof p, "%.*s", (int)dl, dir);
-	struct stat st;
-	int had = stat(p, &st) == 0;
-	if (had) {
-		snprintf(old, sizeof old, "%.*s.old-XXXXXX", (int)dl, dir);
-		if (!mkdtemp(old) || rmdir(old) || rename(p, old)) {
-			sd_seterr("%s: cannot replace it: %s", p, strerror(errno));
-			goto fail;
-		}
-	}
-	if (rename(tmp, p)) {
-		sd_seterr("%s: %s", p, strerror(errno));
-		if (had) rename(old, p);
+	if (!exists && rename(tmp, top)) {
+		sd_seterr("%s: %s", top, strerror(errno));
 		goto fail;
 	}
-	if (had) nftw(old, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 	rc = 0;
 	goto out;
 fail:
-	nftw(tmp, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+	if (!exists) nftw(tmp, rm_one, 16, FTW_DEPTH | FTW_PHYS);
 out:
 	if (names)
 		for (int i = 0; i < n; i++) free(names[i]);

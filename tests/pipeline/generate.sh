@@ -1,6 +1,6 @@
 #!/bin/sh
 # tests/pipeline/generate.sh - sd-noise and sd-unet-step (and the example scripts) on the tiny model,
-# against diffusers: the issue's "done when" (examples/txt2img.sh, seed 1234, DDIM 8 steps, guidance 7.5
+# against diffusers: the issue's "done when" (sd-txt2img, seed 1234, DDIM 8 steps, guidance 7.5
 # = golden/tiny/txt2img_seeded_ddim, ±1 per 8-bit pixel), the Euler-ancestral seeded golden (the
 # generator carried from sd-noise through every step), golden/tiny/txt2img from its given latents and
 # embeddings (every step and the final latents ≤ 1e-4 relative, image ±1), golden/tiny/img2img from its
@@ -60,8 +60,8 @@ ok noise-random-seed-recorded "sd-noise -m '$tiny' | sd-info | grep -Eq 'generat
 ok noise-filter-keeps-keys "sd-noise -m '$tiny' --seed 1234 - <'$T/astro.st' | sd-info | grep -Eq '^  context +f32'"
 ok noise-ckpt-same "sd-noise -m '$SD_FIXTURES/tiny.ldm.ckpt' --config '$tiny' --seed 1234 -W 64 -H 64 | cmp -s - '$T/noise.st'"
 
-# ==== the issue's "done when": examples/txt2img.sh, seed 1234, DDIM, 8 steps, guidance 7.5 ====
-ok txt2img-script-ddim "sh examples/txt2img.sh -m '$tiny' --seed 1234 --sampler ddim --steps 8 --guidance 7.5 '$astro' '$T/ddim.ppm'"
+# ==== the issue's "done when": sd-txt2img, seed 1234, DDIM, 8 steps, guidance 7.5 ====
+ok txt2img-script-ddim "sd-txt2img -m '$tiny' --seed 1234 --sampler ddim --steps 8 --guidance 7.5 -p '$astro' -o '$T/ddim.ppm'"
 num txt2img-seeded-ddim-image "$py ppm '$T/ddim.ppm' '$G/txt2img_seeded_ddim.safetensors' image_u8 1"
 sd-noise -m "$tiny" --seed 1234 --sampler ddim --steps 8 | sd-unet-step -m "$tiny" -c "$T/astro.st" >"$T/ddim.st" 2>/dev/null
 for i in 7; do
@@ -70,14 +70,14 @@ done
 ok txt2img-plan-finished "[ \"\$($py get '$T/ddim.st' sampler.step) \$($py get '$T/ddim.st' sampler.finished)\" = '8 true' ]"
 # Euler ancestral: the golden's scheduler is from_config(SD 1.5's hub config), whose Euler spacing is
 # linspace; the tiny folder's saved config says leading, hence --spacing
-ok txt2img-script-euler-a "sh examples/txt2img.sh -m '$tiny' --seed 1234 --sampler euler_a --steps 8 --spacing linspace '$astro' '$T/ea.ppm'"
+ok txt2img-script-euler-a "sd-txt2img -m '$tiny' --seed 1234 --sampler euler_a --steps 8 --spacing linspace -p '$astro' -o '$T/ea.ppm'"
 num txt2img-seeded-euler-a-image "$py ppm '$T/ea.ppm' '$G/txt2img_seeded_euler_ancestral.safetensors' image_u8 1"
 sd-noise -m "$tiny" --seed 1234 --sampler euler_a --steps 8 --spacing linspace >"$T/ea0.st" 2>/dev/null
 sd-unet-step -m "$tiny" -c "$T/astro.st" <"$T/ea0.st" >"$T/ea.st" 2>/dev/null
 num txt2img-seeded-euler-a-latents "$py compare '$T/ea.st' latent '$G/txt2img_seeded_euler_ancestral.safetensors' 'latents_after_step[7]' 1e-4"
 ok txt2img-euler-a-generator "[ \"\$($py get '$T/ea.st' generator.draws)\" = 36864 ]" # 4096 + 8 steps x 4096
 ok txt2img-spacing-recorded "[ \"\$($py get '$T/ea.st' sampler.spacing)\" = '\"linspace\"' ]"
-ok txt2img-script-png "sh examples/txt2img.sh -m '$tiny' --seed 1234 --sampler ddim --steps 2 '$astro' '$T/x.png' && pngtopam '$T/x.png' | pamfile | grep -q '64 by 64'"
+ok txt2img-script-png "sd-txt2img -m '$tiny' --seed 1234 --sampler ddim --steps 2 -p '$astro' -o '$T/x.png' && pngtopam '$T/x.png' | pamfile | grep -q '64 by 64'"
 
 # ==== golden/tiny/txt2img: given latents_init and embeddings, every step ====
 $py frame "$T/t2i.st" latent="$G/txt2img.safetensors:latents_init" context="$G/txt2img.safetensors:prompt_embeds" \
@@ -119,9 +119,9 @@ ok img2img-run "sd-unet-step -m '$tiny' -c '$T/barn.st' <'$T/noisy.st' >'$T/i2s.
 cp "$T/noisy.st" "$T/l.st"
 for i in 1 2 3 4 5 6; do sd-unet-step -m "$tiny" -c "$T/barn.st" -k 1 <"$T/l.st" >"$T/l2.st" 2>/dev/null && mv "$T/l2.st" "$T/l.st"; done
 same img2img-loop-equals-one-call "$T/l.st" "$T/i2s.st"
-ok img2img-script "sh examples/img2img.sh -m '$tiny' -s 7 -W 64 -H 64 --steps 10 '$img' '$barn' '$T/a.ppm' && sh examples/img2img.sh -m '$tiny' -s 7 -W 64 -H 64 --steps 10 '$img' '$barn' '$T/b.ppm'"
+ok img2img-script "sd-img2img -m '$tiny' -s 7 -W 64 -H 64 --steps 10 -i '$img' -p '$barn' -o '$T/a.ppm' && sd-img2img -m '$tiny' -s 7 -W 64 -H 64 --steps 10 -i '$img' -p '$barn' -o '$T/b.ppm'"
 same img2img-script-deterministic "$T/a.ppm" "$T/b.ppm"
-ok img2img-script-png-in "pnmtopng '$img' >'$T/in.png' && sh examples/img2img.sh -m '$tiny' -s 7 -W 64 -H 64 --steps 10 '$T/in.png' '$barn' '$T/c.ppm'"
+ok img2img-script-png-in "pnmtopng '$img' >'$T/in.png' && sd-img2img -m '$tiny' -s 7 -W 64 -H 64 --steps 10 -i '$T/in.png' -p '$barn' -o '$T/c.ppm'"
 same img2img-script-png-same "$T/a.ppm" "$T/c.ppm"
 
 # ==== a loop of single steps equals one call, byte for byte, for every sampler ====

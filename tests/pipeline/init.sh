@@ -45,7 +45,7 @@ fi
 ok tiny-same-seed-same-bytes "sd-init --config tiny -o '$T/m2' && diff -r '$T/m' '$T/m2'"
 ok tiny-other-seed "sd-init --config tiny --seed 1 -o '$T/m3' && ! cmp -s '$T/m/unet/diffusion_pytorch_model.safetensors' '$T/m3/unet/diffusion_pytorch_model.safetensors'"
 bad exists 1 sd-init "sd-init --config tiny -o '$T/m'"
-ok tiny-generates "sh examples/txt2img.sh -m '$T/m' -s 1 --sampler ddim --steps 2 'a cat' '$T/cat.ppm' && pamfile '$T/cat.ppm' | grep -q '64 by 64'"
+ok tiny-generates "sd-txt2img -m '$T/m' -s 1 --sampler ddim --steps 2 -p 'a cat' -o '$T/cat.ppm' && pamfile '$T/cat.ppm' | grep -q '64 by 64'"
 ok tiny-tokenizes-like-fixture "sd-tokenize -m '$T/m' 'a cat in the style of **' | cmp -s - \"\$(sd-tokenize -m '$tiny' 'a cat in the style of **' >'$T/t2'; echo '$T/t2')\""
 # a JSON file of configs: the tiny one with two transformer layers and linear projections
 cp "$T/m/unet/config.json" "$T/u.json"

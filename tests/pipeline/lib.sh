@@ -30,4 +30,11 @@ bad() {
 	elif ! head -n 1 "$T/bad.err" | grep -q "^$prog: "; then fail "$n" "message does not start with '$prog: ': $(head -c 300 "$T/bad.err")"
 	else pass "$n"; fi
 }
+# py_with MODULES: a python3 that imports them (the one on PATH, else Debian's), or nothing (status 1)
+py_with() {
+	for p in python3 /usr/bin/python3; do
+		command -v "$p" >/dev/null 2>&1 && "$p" -c "import $1" 2>/dev/null && { echo "$p"; return 0; }
+	done
+	return 1
+}
 finish() { [ "$nfail" -eq 0 ]; exit $?; }
