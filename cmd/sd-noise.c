@@ -11,32 +11,20 @@
  * frame's clean "latent" (sd-vae-encode's, already × scaling_factor) is noised with torch.randn of its
  * shape, drawn from the generator the frame carries (after the VAE's posterior sample), to timestep
  * index t_start = steps − int(steps × strength) with the sampler's own add_noise.  Both write the
- * generator state ("generator") and the plan ("sampler") that sd-unet-step carries on.
+ * generator state ("generator") and the plan ("sampler") that sd-unet-step carries on.  The work is
+ * lib/sched/noise.c's (sd_noise_txt2img, sd_noise_img2img); this file is the options and the frame loop.
  */
-#include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/random.h>
-#include <time.h>
 
 #include "sd.h"
 #include "sd_cli.h"
 
 struct opts {
 	const char *model, *config, *device;
-	int width, height, batch;    /* 0 = not given */
-	int has_seed;
-	uint64_t seed;
 	int has_strength;
-	double strength;
-	const char *sampler;         /* NULL = not given */
-	const char *spacing;         /* NULL = not given (the model's scheduler config) */
-	int steps;                   /* 0 = not given */
-	int karras;                  /* -1 not given, 0 --no-karras, 1 --karras */
-	int has_eta;
-	double eta;
 	const char *file;            /* NULL = source (text to image without input) */
+	sd_noise_job j;              /* the plan flags, size, batch, seed and strength */
 };
 
 static void usage(void)
@@ -74,134 +62,11 @@ static void usage(void)
 	exit(0);
 }
 
-/* A seed nobody chose: 63 random bits (recorded in the frame, so the run can be repeated). */
-static uint64_t random_seed(void)
+/* -v: the library's remarks, as progress lines. */
+static void note(void *user, const char *msg)
 {
-	uint64_t s = 0;
-	if (getrandom(&s, sizeof s, 0) != (ssize_t)sizeof s) s = (uint64_t)time(NULL) ^ ((uint64_t)clock() << 32);
-	return s & (uint64_t)INT64_MAX;
-}
-
-/* The frame's generator: restarted from --seed, else continued, else seeded at random (*seed_out). */
-static void frame_rng(const struct opts *o, const sd_value *frame, sd_rng *rng, const char *name, long idx)
-{
-	const sd_value *g = sd_map_get(frame, "generator");
-	if (o->has_seed) {
-		sd_rng_seed(rng, o->seed);
-	} else if (g) {
-		if (sd_rng_from_value(rng, g)) sd_die_lib("%s: frame %ld", name, idx);
-	} else {
-		uint64_t s = random_seed();
-		sd_rng_seed(rng, s);
-		sd_info("frame %ld: seed %llu", idx, (unsigned long long)s);
-	}
-}
-
-/* Set the plan's "seed" from the generator's. */
-static void plan_seed(sd_value *plan, const sd_rng *rng)
-{
-	if (rng->seed <= INT64_MAX) sd_map_set_int(plan, "seed", (int64_t)rng->seed);
-}
-
-/* The frame's "sampler" map, created when absent (borrowed). */
-static sd_value *frame_plan(sd_value *frame, const char *name, long idx)
-{
-	sd_value *p = sd_map_get(frame, "sampler");
-	if (p && p->type != SD_V_MAP) sd_die("%s: frame %ld: \"sampler\" is not a map", name, idx);
-	if (!p) {
-		if (sd_map_set(frame, "sampler", sd_value_map())) sd_die_lib("%s: frame %ld", name, idx);
-		p = sd_map_get(frame, "sampler");
-	}
-	return p;
-}
-
-/* Text to image: latent = randn([B, C, H/f, W/f]) in one draw, the plan with nothing run yet. */
-static void txt2img(const struct opts *o, const sd_geometry *g, sd_value *frame, const char *name, long idx)
-{
-	if (sd_map_get(frame, "latent"))
-		sd_die("%s: frame %ld: the frame already has a \"latent\" (give --strength to noise it for image "
-		       "to image)", name, idx);
-	sd_rng rng;
-	frame_rng(o, frame, &rng, name, idx);
-	int64_t shape[4] = {o->batch, g->channels, o->height / g->factor, o->width / g->factor};
-	sd_tensor *lat = sd_tensor_new(SD_DTYPE_F32, 4, shape);
-	if (!lat) sd_die_lib("%s: frame %ld", name, idx);
-	sd_rng_randn(&rng, lat->data, sd_tensor_numel(lat));
-	sd_value *plan = frame_plan(frame, name, idx);
-	if (sd_map_get(plan, "step"))
-		sd_die("%s: frame %ld: the frame's sampler plan has already run", name, idx);
-	if (o->sampler && sd_map_set_str(plan, "name", o->sampler)) sd_die_lib("%s", name);
-	if (o->steps && sd_map_set_int(plan, "steps", o->steps)) sd_die_lib("%s", name);
-	if (o->karras >= 0 && sd_map_set(plan, "karras", sd_value_bool(o->karras))) sd_die_lib("%s", name);
-	if (o->has_eta && sd_map_set_float(plan, "eta", o->eta)) sd_die_lib("%s", name);
-	if (o->spacing && sd_map_set_str(plan, "spacing", o->spacing)) sd_die_lib("%s", name);
-	plan_seed(plan, &rng);
-	if (sd_map_set_tensor(frame, "latent", lat) || sd_map_set(frame, "generator", sd_rng_to_value(&rng)))
-		sd_die_lib("%s: frame %ld", name, idx);
-	char s[64];
-	sd_info("frame %ld: noise %s, seed %llu", idx, sd_shape_str(4, shape, s, sizeof s), (unsigned long long)rng.seed);
-}
-
-/* Image to image: noise the frame's clean latent to the start step of the plan. */
-static void img2img(const struct opts *o, const char *sched_json, sd_value *frame, const char *name, long idx)
-{
-	sd_value *lv = sd_map_get(frame, "latent");
-	if (!lv) sd_die("%s: frame %ld: no \"latent\" key (sd-vae-encode makes it from an image)", name, idx);
-	if (lv->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"latent\" is not a tensor", name, idx);
-	const sd_tensor *x0 = lv->u.t;
-	char s[64];
-	if (!sd_dtype_is_float(x0->dtype) || x0->ndim != 4 || sd_tensor_numel(x0) == 0)
-		sd_die("%s: frame %ld: \"latent\" is %s %s, expected f32 [N,4,h,w]", name, idx, sd_dtype_name(x0->dtype),
-		       sd_shape_str(x0->ndim, x0->shape, s, sizeof s));
-	sd_tensor *lat = sd_tensor_convert(x0, SD_DTYPE_F32), *noise = sd_tensor_new(SD_DTYPE_F32, x0->ndim, x0->shape);
-	if (!lat || !noise) sd_die_lib("%s: frame %ld", name, idx);
-
-	/* the plan: flags, else an unstarted plan the frame carries, else diffusers' defaults */
-	sd_value *plan = frame_plan(frame, name, idx);
-	int64_t st;
-	if (sd_map_get(plan, "step"))
-		sd_die("%s: frame %ld: the latent is already being sampled (its plan has run); --strength wants a "
-		       "clean latent", name, idx);
-	const char *sname = o->sampler ? o->sampler : sd_map_str(plan, "name") ? sd_map_str(plan, "name") : "pndm";
-	int steps = o->steps;
-	if (!steps) {
-		int r = sd_map_get_int(plan, "steps", &st);
-		if (r < 0 || (r == 0 && (st < 1 || st > 100000)))
-			sd_die("%s: frame %ld: the plan's \"steps\" is not a step count", name, idx);
-		steps = r == 0 ? (int)st : 50;
-	}
-	int karras = o->karras;
-	const sd_value *kv = sd_map_get(plan, "karras");
-	if (karras < 0 && kv && kv->type == SD_V_BOOL) karras = kv->u.b;
-	double eta = 0;
-	if (o->has_eta) eta = o->eta;
-	else if (sd_map_get_float(plan, "eta", &eta) < 0) sd_die("%s: frame %ld: the plan's \"eta\" is not a number", name, idx);
-	const char *spacing = o->spacing ? o->spacing : sd_map_str(plan, "spacing");
-	enum sd_sampler_kind kind;
-	if (sd_sampler_parse(sname, &kind)) sd_die_lib("%s: frame %ld: the plan", name, idx);
-	char *cj = sd_sched_config_spacing(sched_json, spacing);
-	sd_sched *sch = cj ? sd_sched_new(cj, kind, steps, karras, eta) : NULL;
-	if (!sch) sd_die_lib("%s: frame %ld", name, idx);
-	free(cj);
-	int begin = sd_sched_strength_begin(sch, o->strength);
-	if (begin < 0) sd_die_lib("%s: frame %ld: --strength", name, idx);
-
-	/* diffusers: noise = randn_tensor(init_latents.shape, generator) after the posterior sample */
-	sd_rng rng;
-	frame_rng(o, frame, &rng, name, idx);
-	sd_rng_randn(&rng, noise->data, sd_tensor_numel(noise));
-	if (sd_sched_add_noise(sch, lat, lat, noise, begin) || sd_sched_set_begin(sch, begin) || sd_sched_save(sch, plan))
-		sd_die_lib("%s: frame %ld", name, idx);
-	if (sd_map_set_float(plan, "strength", o->strength) || (o->spacing && sd_map_set_str(plan, "spacing", o->spacing)))
-		sd_die_lib("%s", name);
-	plan_seed(plan, &rng);
-	if (sd_map_set_tensor(frame, "latent", lat) || sd_map_set(frame, "generator", sd_rng_to_value(&rng)))
-		sd_die_lib("%s: frame %ld", name, idx);
-	sd_info("frame %ld: %s, %d steps, strength %g: noised to timestep %g, %d of %d model calls left", idx,
-	        sd_sampler_name(kind), steps, o->strength, sd_sched_timestep(sch, begin), sd_sched_calls(sch) - begin,
-	        sd_sched_calls(sch));
-	sd_tensor_free(noise);
-	sd_sched_free(sch);
+	(void)user;
+	sd_info("%s", msg);
 }
 
 int main(int argc, char **argv)
@@ -229,7 +94,9 @@ int main(int argc, char **argv)
 		{NULL, 0, NULL, 0},
 	};
 	struct opts o = {0};
-	o.karras = -1;
+	sd_noise_job *j = &o.j;
+	sd_plan_flags *pf = &j->plan;
+	pf->karras = -1;
 	int c;
 	enum sd_sampler_kind kind;
 
@@ -240,22 +107,22 @@ int main(int argc, char **argv)
 		case 'm': o.model = optarg; break;
 		case OPT_CONFIG: o.config = optarg; break;
 		case OPT_DEVICE: o.device = optarg; break;
-		case 'W': o.width = (int)sd_parse_int("--width", optarg, 1, 1 << 16); break;
-		case 'H': o.height = (int)sd_parse_int("--height", optarg, 1, 1 << 16); break;
-		case 'b': o.batch = (int)sd_parse_int("--batch", optarg, 1, 4096); break;
-		case OPT_SEED: o.seed = (uint64_t)sd_parse_int("--seed", optarg, 0, INT64_MAX); o.has_seed = 1; break;
-		case OPT_STRENGTH: o.strength = sd_parse_float("--strength", optarg, 0, 1); o.has_strength = 1; break;
+		case 'W': j->width = (int)sd_parse_int("--width", optarg, 1, 1 << 16); break;
+		case 'H': j->height = (int)sd_parse_int("--height", optarg, 1, 1 << 16); break;
+		case 'b': j->batch = (int)sd_parse_int("--batch", optarg, 1, 4096); break;
+		case OPT_SEED: j->seed = (uint64_t)sd_parse_int("--seed", optarg, 0, INT64_MAX); j->has_seed = 1; break;
+		case OPT_STRENGTH: j->strength = sd_parse_float("--strength", optarg, 0, 1); o.has_strength = 1; break;
 		case OPT_SAMPLER:
 			if (sd_sampler_parse(optarg, &kind)) sd_usage_error("--sampler: %s", sd_errmsg());
-			o.sampler = sd_sampler_name(kind);
+			pf->sampler = sd_sampler_name(kind);
 			break;
-		case OPT_STEPS: o.steps = (int)sd_parse_int("--steps", optarg, 1, 1000); break;
-		case OPT_KARRAS: o.karras = 1; break;
-		case OPT_NO_KARRAS: o.karras = 0; break;
-		case OPT_ETA: o.eta = sd_parse_float("--eta", optarg, 0, 1e6); o.has_eta = 1; break;
+		case OPT_STEPS: pf->steps = (int)sd_parse_int("--steps", optarg, 1, 1000); break;
+		case OPT_KARRAS: pf->karras = 1; break;
+		case OPT_NO_KARRAS: pf->karras = 0; break;
+		case OPT_ETA: pf->eta = sd_parse_float("--eta", optarg, 0, 1e6); pf->has_eta = 1; break;
 		case OPT_SPACING:
 			if (sd_spacing_check(optarg)) sd_usage_error("--spacing: %s", sd_errmsg());
-			o.spacing = optarg;
+			pf->spacing = optarg;
 			break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
@@ -265,10 +132,10 @@ int main(int argc, char **argv)
 	}
 	if (argc - optind > 1) sd_usage_error("too many files (one stream at a time)");
 	o.file = optind < argc ? argv[optind] : NULL;
-	if (o.has_strength && (o.width || o.height || o.batch))
+	if (o.has_strength && (j->width || j->height || j->batch))
 		sd_usage_error("-W, -H and --batch make text-to-image noise; with --strength the latent's shape is used");
 	if (o.has_strength && !o.file) o.file = "-";
-	if (!o.batch) o.batch = 1;
+	if (!j->batch) j->batch = 1;
 	const char *env = getenv("SD_MODEL");
 	if (!o.model && !(env && *env)) sd_usage_error("no model: give -m MODEL or set SD_MODEL");
 	if (o.model && !*o.model) sd_usage_error("--model: the path is empty");
@@ -278,23 +145,26 @@ int main(int argc, char **argv)
 	sd_model *m = sd_model_open(o.model, o.config);
 	if (!m) sd_die("%s", sd_errmsg());
 	sd_geometry g = {0};
+	j->geometry = &g;
+	j->sched_json = sd_model_scheduler_json(m);
+	j->note = note;
 	if (!o.has_strength) {
 		if (sd_model_geometry(m, &g)) sd_die("%s", sd_errmsg());
 		int def = g.sample_size ? g.sample_size * g.factor : 512;
-		if (!o.width) o.width = def;
-		if (!o.height) o.height = def;
-		if (o.width % g.factor || o.height % g.factor)
-			sd_usage_error("the size %dx%d is not a multiple of the VAE's factor %d", o.width, o.height, g.factor);
+		if (!j->width) j->width = def;
+		if (!j->height) j->height = def;
+		if (j->width % g.factor || j->height % g.factor)
+			sd_usage_error("the size %dx%d is not a multiple of the VAE's factor %d", j->width, j->height, g.factor);
 		sd_info("%s: latent %d channels, factor %d, image %dx%d", sd_model_path(m), g.channels, g.factor,
-		        o.width, o.height);
+		        j->width, j->height);
 	}
-	if (o.sampler || o.steps || o.karras > 0 || o.has_eta) {
+	if (pf->sampler || pf->steps || pf->karras > 0 || pf->has_eta) {
 		/* check the combination once, before any frame is read */
-		char *cj = sd_sched_config_spacing(sd_model_scheduler_json(m), o.spacing);
+		char *cj = sd_sched_config_spacing(sd_model_scheduler_json(m), pf->spacing);
 		if (!cj) sd_die_lib("%s: scheduler config", sd_model_path(m));
-		sd_sched *t = sd_sched_new(cj, o.sampler ? kind : SD_SAMPLER_PNDM, o.steps ? o.steps : 50, o.karras,
-		                           o.has_eta ? o.eta : 0);
-		if (!t && o.sampler) sd_usage_error("%s", sd_errmsg());
+		sd_sched *t = sd_sched_new(cj, pf->sampler ? kind : SD_SAMPLER_PNDM, pf->steps ? pf->steps : 50, pf->karras,
+		                           pf->has_eta ? pf->eta : 0);
+		if (!t && pf->sampler) sd_usage_error("%s", sd_errmsg());
 		sd_sched_free(t);
 		free(cj);
 	}
@@ -302,7 +172,7 @@ int main(int argc, char **argv)
 	if (!o.file) { /* a source: one frame */
 		sd_value *frame = sd_value_map();
 		if (!frame) sd_die_lib("frame");
-		txt2img(&o, &g, frame, "sd-noise", 0);
+		if (sd_noise_txt2img(j, frame, "sd-noise", 0)) sd_die("%s", sd_errmsg());
 		sd_write_frame_or_die(frame);
 		sd_value_free(frame);
 	} else {
@@ -315,8 +185,8 @@ int main(int argc, char **argv)
 		int rc;
 		while ((rc = sd_reader_next(r, &frame)) == 1) {
 			long idx = sd_reader_index(r);
-			if (o.has_strength) img2img(&o, sd_model_scheduler_json(m), frame, name, idx);
-			else txt2img(&o, &g, frame, name, idx);
+			int bad = o.has_strength ? sd_noise_img2img(j, frame, name, idx) : sd_noise_txt2img(j, frame, name, idx);
+			if (bad) sd_die("%s", sd_errmsg());
 			sd_write_frame_or_die(frame);
 			sd_value_free(frame);
 			nframes++;

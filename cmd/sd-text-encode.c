@@ -116,7 +116,7 @@ int main(int argc, char **argv)
 	if (!m) sd_die("%s", sd_errmsg());
 	if (!sd_model_has(m, SD_TEXT_ENCODER))
 		sd_die("%s: the model has no text encoder", sd_model_path(m));
-	sd_weights *w = sd_weights_load(m, SD_TEXT_ENCODER, dev);
+	sd_weights *w = sd_weights_load_stored(m, SD_TEXT_ENCODER, dev);
 	if (!w) sd_die("%s", sd_errmsg());
 	sd_clip *clip = sd_clip_new(w);
 	if (!clip) sd_die("%s: %s", sd_model_path(m), sd_errmsg());

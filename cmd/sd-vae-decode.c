@@ -84,7 +84,7 @@ int main(int argc, char **argv)
 	sd_model *m = sd_model_open(o.model, o.config);
 	if (!m) sd_die("%s", sd_errmsg());
 	if (!sd_model_has(m, SD_VAE)) sd_die("%s: the model has no VAE", sd_model_path(m));
-	sd_weights *w = sd_weights_load(m, SD_VAE, dev);
+	sd_weights *w = sd_weights_load_stored(m, SD_VAE, dev);
 	sd_vae *vae = w ? sd_vae_new(w) : NULL;
 	if (!vae) sd_die("%s: %s", sd_model_path(m), sd_errmsg());
 	sd_lora *lora = sd_lora_load(o.lora, o.nlora);

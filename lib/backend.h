@@ -74,7 +74,7 @@ struct sd_backend {
 	/* out (n × D) = table[ids[i]] (ids host or device memory as the backend keeps it, checked < V) */
 	int (*embedding)(float *out, const int32_t *ids, const float *table, int64_t n, int64_t V, int64_t D);
 
-	/* ---- training (lib/train/; the CPU ones in cpu/backward.c) ----
+	/* ---- training (lib/ops-backward.c and lib/train/; the CPU ones in cpu/backward.c) ----
 	 * A backward slot writes an input gradient dx with `acc`: 0 overwrites (dx's old contents are never
 	 * read, they may be NaN), 1 adds to it.  Parameter gradients (dgamma, dbeta; NULL to skip) always
 	 * add. */
@@ -121,6 +121,11 @@ struct sd_backend {
 	 * (sd_attention calls it when no `probs` are asked for).  N, Lq, Lk, H ≥ 1. */
 	int (*attention)(float *out, const float *q, const float *k, const float *v, int64_t N, int64_t Lq, int64_t Lk,
 	                 int64_t H, int64_t d, int64_t dv, float scale, int causal);
+
+	/* ---- weights kept in their stored dtype (sd_weights_load_stored) ----
+	 * dst[i] = src[i] widened exactly to f32, src n elements of SD_DTYPE_F16 or SD_DTYPE_BF16 (the ops
+	 * convert a weight at use: the numbers are those of a weight widened at load) */
+	int (*to_f32)(float *dst, const void *src, enum sd_dtype dtype, int64_t n);
 };
 
 extern const struct sd_backend sd_cpu_backend;

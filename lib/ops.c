@@ -237,6 +237,43 @@ static const struct sd_backend *prep(const char *op, int n, const sd_tensor *con
                            (const sd_tensor *[]){__VA_ARGS__}, names)
 #define SLOT(be, op, slot) do { if (!(be)->slot) return NOT_IMPLEMENTED(op, be); } while (0)
 
+/* ==== weights in their stored dtype (sd_weights_load_stored) ==== */
+
+/* A weight operand may be f32, f16 or bf16, on the backend's device. */
+static int need_weight(const char *op, const char *what, const sd_tensor *w, const struct sd_backend *be)
+{
+	if (w->dtype != SD_DTYPE_F32 && w->dtype != SD_DTYPE_F16 && w->dtype != SD_DTYPE_BF16)
+		return sd_seterr("%s: %s is %s, expected f32, f16 or bf16", op, what, sd_dtype_name(w->dtype));
+	if (w->device != be->device)
+		return sd_seterr("%s: tensors on different devices (%s and %s)", op, sd_device_name(be->device),
+		                 sd_device_name(w->device));
+	if (w->dtype != SD_DTYPE_F32 && !be->to_f32)
+		return sd_seterr("%s: a %s %s is not implemented on %s", op, sd_dtype_name(w->dtype), what, be->name);
+	return 0;
+}
+
+/* w's values as f32: its own data when f32, else widened at use into a per-thread buffer on its device
+ * (slot `which`, so that two weights of one op can be live), valid until the next use of that slot.
+ * NULL with a message when out of memory. */
+static const float *weight_f32(const struct sd_backend *be, const sd_tensor *w, int which)
+{
+	if (w->dtype == SD_DTYPE_F32) return w->data;
+	static _Thread_local struct { void *p; size_t n; } bufs[2][2];
+	int d = be->device == SD_DEVICE_CUDA;
+	size_t bytes = (size_t)sd_tensor_numel(w) * sizeof(float);
+	if (bufs[d][which].n < bytes) {
+		if (bufs[d][which].p) be->free(bufs[d][which].p);
+		bufs[d][which].p = be->alloc(bytes ? bytes : 1);
+		bufs[d][which].n = bufs[d][which].p ? bytes : 0;
+		if (!bufs[d][which].p) {
+			sd_seterr("out of memory (%zu bytes to widen a %s weight on %s)", bytes, sd_dtype_name(w->dtype), be->name);
+			return NULL;
+		}
+	}
+	if (be->to_f32(bufs[d][which].p, w->data, w->dtype, sd_tensor_numel(w))) return NULL;
+	return bufs[d][which].p;
+}
+
 static int64_t inner(const sd_tensor *t, int from)
 {
 	int64_t n = 1;
@@ -249,9 +286,9 @@ static int64_t inner(const sd_tensor *t, int from)
 int sd_linear(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b)
 {
 	static const char op[] = "sd_linear";
-	static const char *const names[] = {"out", "x", "w", "b"};
-	const struct sd_backend *be = PREP(op, out, x, w, b);
-	if (!be) return -1;
+	static const char *const names[] = {"out", "x", "b"};
+	const struct sd_backend *be = PREP(op, out, x, b);
+	if (!be || need_weight(op, "w", w, be)) return -1;
 	if (w->ndim != 2) return shape_err(op, "w", w);
 	if (x->ndim < 1 || x->shape[x->ndim - 1] != w->shape[1]) return shape_err(op, "x", x);
 	if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) return shape_err(op, "b", b);
@@ -265,7 +302,8 @@ int sd_linear(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
 	if (rows == 0 || O == 0) return 0;
 	if (b) SLOT(be, op, add);
 	/* out = x·wᵀ (beta 0: out's old contents, maybe NaN from an arena, are never read), then += bias */
-	if (be->gemm(0, 1, rows, O, I, 1.0f, x->data, I, 0, w->data, I, 0, 0.0f, out->data, O, 0, 1)) return -1;
+	const float *wf = weight_f32(be, w, 0);
+	if (!wf || be->gemm(0, 1, rows, O, I, 1.0f, x->data, I, 0, wf, I, 0, 0.0f, out->data, O, 0, 1)) return -1;
 	return b ? be->add(out->data, out->data, b->data, 1.0f, 1.0f, rows * O, O, 1) : 0;
 }
 
@@ -284,9 +322,9 @@ int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
               int pb, int pl, int pr)
 {
 	static const char op[] = "sd_conv2d";
-	static const char *const names[] = {"out", "x", "w", "b"};
-	const struct sd_backend *be = PREP(op, out, x, w, b);
-	if (!be) return -1;
+	static const char *const names[] = {"out", "x", "b"};
+	const struct sd_backend *be = PREP(op, out, x, b);
+	if (!be || need_weight(op, "w", w, be)) return -1;
 	if (x->ndim != 4) return shape_err(op, "x", x);
 	if (w->ndim != 4 || w->shape[1] != x->shape[1]) return shape_err(op, "w", w);
 	if (b && (b->ndim != 1 || b->shape[0] != w->shape[0])) return shape_err(op, "b", b);
@@ -299,16 +337,25 @@ int sd_conv2d(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_t
 	if (need_shape(op, out, 4, shape)) return -1;
 	SLOT(be, op, conv2d);
 	if (sd_tensor_numel(out) == 0) return 0;
-	/* a weight the model owns is packed once for the backend and the packing kept with it */
+	/* an f32 weight the model owns is packed once for the backend and the packing kept with it; an
+	 * f16/bf16 one is widened and packed at use (keeping an f32 packing would double it and more) */
 	const void *wp = NULL;
-	if (stride == 1 && kh * kw > 1 && be->conv_pack && w->owns && conv_cache_on()) {
+	void *own_wp = NULL;
+	const int pack = stride == 1 && kh * kw > 1 && be->conv_pack;
+	const float *wf = weight_f32(be, w, 0);
+	if (!wf) return -1;
+	if (pack && w->dtype == SD_DTYPE_F32 && w->owns && conv_cache_on()) {
 		sd_tensor *wm = (sd_tensor *)w; /* the cache is derived data, not a change of w */
 		if (!wm->aux && (wm->aux = be->conv_pack(w->data, w->shape[0], w->shape[1], (int)kh, (int)kw)))
 			wm->aux_free = be->conv_pack_free;
 		if (wm->aux_free == be->conv_pack_free) wp = wm->aux;
+	} else if (pack && w->dtype != SD_DTYPE_F32 && conv_cache_on()) {
+		wp = own_wp = be->conv_pack(wf, w->shape[0], w->shape[1], (int)kh, (int)kw);
 	}
-	return be->conv2d(out->data, x->data, w->data, wp, b ? b->data : NULL, x->shape[0], x->shape[1], H, W, w->shape[0],
-	                  (int)kh, (int)kw, stride, pt, pl, Ho, Wo);
+	int rc = be->conv2d(out->data, x->data, wf, wp, b ? b->data : NULL, x->shape[0], x->shape[1], H, W, w->shape[0],
+	                    (int)kh, (int)kw, stride, pt, pl, Ho, Wo);
+	if (own_wp) be->conv_pack_free(own_wp);
+	return rc;
 }
 
 /* gamma/beta of a norm: NULL or a vector of n */
@@ -382,9 +429,9 @@ int sd_geglu(sd_tensor *out, const sd_tensor *x)
 
 static int add_op(const char *op, sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta)
 {
-	static const char *const names[] = {"out", "a", "b"};
-	const struct sd_backend *be = PREP(op, out, a, b);
-	if (!be) return -1;
+	static const char *const names[] = {"out", "a"};
+	const struct sd_backend *be = PREP(op, out, a);
+	if (!be || (b && need_weight(op, "b", b, be))) return -1; /* b may be a stored weight (f16, bf16) */
 	if (need_shape(op, out, a->ndim, a->shape)) return -1;
 	int64_t n = sd_tensor_numel(a), m = b ? sd_tensor_numel(b) : 1, S = 1;
 	if (b && !sd_tensor_same_shape(a, b)) {
@@ -400,7 +447,9 @@ static int add_op(const char *op, sd_tensor *out, const sd_tensor *a, const sd_t
 	}
 	SLOT(be, op, add);
 	if (n == 0) return 0;
-	return be->add(out->data, a->data, b ? b->data : NULL, alpha, beta, n, m, S);
+	const float *bf = b ? weight_f32(be, b, 1) : NULL;
+	if (b && !bf) return -1;
+	return be->add(out->data, a->data, bf, alpha, beta, n, m, S);
 }
 
 int sd_add(sd_tensor *out, const sd_tensor *a, const sd_tensor *b, float alpha, float beta)
@@ -570,9 +619,9 @@ int sd_concat1(sd_tensor *out, const sd_tensor *a, const sd_tensor *b)
 int sd_embedding(sd_tensor *out, const sd_tensor *ids, const sd_tensor *table)
 {
 	static const char op[] = "sd_embedding";
-	static const char *const names[] = {"out", "table"};
-	const struct sd_backend *be = PREP(op, out, table);
-	if (!be) return -1;
+	static const char *const names[] = {"out"};
+	const struct sd_backend *be = PREP(op, out);
+	if (!be || need_weight(op, "table", table, be)) return -1;
 	if (ids->dtype != SD_DTYPE_I32) return sd_seterr("%s: ids are %s, expected i32", op, sd_dtype_name(ids->dtype));
 	if (ids->device != table->device) return sd_seterr("%s: ids and table on different devices", op);
 	if (table->ndim != 2) return shape_err(op, "table", table);
@@ -582,5 +631,19 @@ int sd_embedding(sd_tensor *out, const sd_tensor *ids, const sd_tensor *table)
 	shape[ids->ndim] = table->shape[1];
 	if (need_shape(op, out, ids->ndim + 1, shape)) return -1;
 	SLOT(be, op, embedding);
-	return be->embedding(out->data, ids->data, table->data, sd_tensor_numel(ids), table->shape[0], table->shape[1]);
+	if (table->dtype != SD_DTYPE_F32 && be->device == SD_DEVICE_CPU) {
+		/* the rows asked for, widened one by one (not the whole table at each call) */
+		const int32_t *id = ids->data;
+		const int64_t n = sd_tensor_numel(ids), V = table->shape[0], D = table->shape[1];
+		for (int64_t i = 0; i < n; i++) {
+			if (id[i] < 0 || id[i] >= V)
+				return sd_seterr("%s: id %d at position %lld is outside [0, %lld)", op, id[i], (long long)i, (long long)V);
+			if (be->to_f32((float *)out->data + i * D, (const uint16_t *)table->data + id[i] * D, table->dtype, D))
+				return -1;
+		}
+		return 0;
+	}
+	const float *tf = weight_f32(be, table, 0);
+	if (!tf) return -1;
+	return be->embedding(out->data, ids->data, tf, sd_tensor_numel(ids), table->shape[0], table->shape[1]);
 }

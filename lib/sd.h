@@ -93,6 +93,9 @@ char *sd_shape_str(int ndim, const int64_t *shape, char *buf, size_t n);
 /* A new CPU tensor of dtype `to` holding src's values converted (f16/bf16/f32/f64/ints).  Float→int
  * conversion truncates toward zero; src must be on the CPU. */
 sd_tensor *sd_tensor_convert(const sd_tensor *src, enum sd_dtype to);
+/* An f16 or bf16 CPU tensor widened to f32 in place (same object, new owned data; packed caches
+ * dropped): for a weight that is about to be written (a merged LoRA).  f32 is left alone. */
+int sd_tensor_widen(sd_tensor *t);
 /* A deep copy on device `dev` (same dtype). */
 sd_tensor *sd_tensor_to_device(const sd_tensor *src, enum sd_device dev);
 /* Copy src's bytes into dst (same dtype and element count; any devices). */
@@ -324,6 +327,31 @@ void sd_st_close(sd_st *f);
 int sd_st_write(const char *path, int n, const char *const *names, const sd_tensor *const *tensors,
                 const char *const *meta);
 
+/* ==== summaries of streams and safetensors files (lib/io/info.c, for sd-info) ==== */
+
+/* These write readable text to out and nothing elsewhere; -1 with a message on bad input (what was
+ * written before stays written: a stream's good frames come before its bad one). */
+
+/* 1234567 → "1,234,567" into buf (n bytes), returned. */
+char *sd_num_grouped(uint64_t v, char *buf, size_t n);
+/* "frame <idx>", then per key "  key  dtype  shape  min … max … mean …" for tensors (computed in
+ * double over every element, NaN and inf counted apart) or the value for metadata. */
+int sd_frame_summarize(FILE *out, const sd_value *frame, long idx);
+/* Every frame of the stream in (not closed; name in messages), then "<N> frames". */
+int sd_stream_summarize(FILE *out, FILE *in, const char *name);
+/* Totals over the .safetensors files of a folder. */
+typedef struct sd_st_totals {
+	long files;
+	int64_t tensors;
+	uint64_t params, bytes;
+} sd_st_totals;
+/* A .safetensors file: every tensor's name, dtype and shape, the __metadata__, the parameter count;
+ * added to *tot when not NULL.  Messages start with path. */
+int sd_st_summarize(FILE *out, const char *path, sd_st_totals *tot);
+/* A folder: its config.json names and every .safetensors file in name order, recursively (not into
+ * hidden folders nor through symbolic links), then the totals. */
+int sd_folder_summarize(FILE *out, const char *dir);
+
 /* ==== images (libnetpbm) ==== */
 
 typedef struct sd_pnm_reader sd_pnm_reader;
@@ -490,6 +518,12 @@ int sd_model_geometry(sd_model *m, sd_geometry *g);
 typedef struct sd_weights sd_weights;
 
 sd_weights *sd_weights_load(sd_model *m, enum sd_component c, enum sd_device dev);
+/* The same, but on the CPU the f16 and bf16 matrices and kernels (2 or more dimensions) stay in their
+ * stored dtype, half the memory of f32: the ops (sd_linear, sd_conv2d, sd_embedding, sd_add's b) widen
+ * them at use, so the numbers are sd_weights_load's.  For inference; training and merging want
+ * sd_weights_load (their backward ops and arithmetic read f32).  Those weights are read-only views into
+ * the model's mapped file, valid until sd_model_close (the others are copies, as sd_weights_load's). */
+sd_weights *sd_weights_load_stored(sd_model *m, enum sd_component c, enum sd_device dev);
 void sd_weights_free(sd_weights *w);
 enum sd_component sd_weights_component(const sd_weights *w);
 int sd_weights_count(const sd_weights *w);
@@ -511,6 +545,13 @@ int sd_config_int_array(const sd_weights *w, const char *key, int64_t *out, int 
 int sd_config_str_array(const sd_weights *w, const char *key, const char **out, int max, int *n);
 /* The whole config as compact JSON text (owned by w). */
 const char *sd_config_json(const sd_weights *w);
+
+/* ==== model summaries (lib/models/info.c, for sd-info -m) ==== */
+
+/* The model at path (config_dir as for sd_model_open) to out: its layout, each component with its
+ * parameter count, tensor count and config, the tokenizer and the scheduler config, the total.  -1
+ * with a message when it cannot be opened or a component cannot be read. */
+int sd_model_summarize(FILE *out, const char *path, const char *config_dir);
 
 /* ==== random numbers as torch makes them (lib/rng.c) ==== */
 
@@ -1391,7 +1432,94 @@ int sd_spacing_check(const char *spacing);
  * timestep_spacing=…) reads it.  NULL with a message on a bad spacing or text that is no JSON object. */
 char *sd_sched_config_spacing(const char *json, const char *spacing);
 
-/* ==== backward ops, loss, optimizers (lib/train/) ==== */
+/* ==== the denoising loop (lib/sched/denoise.c, for sd-unet-step) ==== */
+
+/* A remark for -v: one line, without the program's name (the tool prints it, or not). */
+typedef void sd_note_fn(void *user, const char *msg);
+
+/* The sampler flags a user gave (sd-noise, sd-unet-step): what is left unset comes from the frame's
+ * plan (its "sampler" map), else diffusers' defaults. */
+typedef struct sd_plan_flags {
+	const char *sampler;  /* NULL = not given, else a name as sd_sampler_name writes it */
+	const char *spacing;  /* NULL = not given (the plan's, else the model's scheduler config) */
+	int steps;            /* 0 = not given */
+	int karras;           /* -1 not given, 0 off, 1 on */
+	int has_eta, has_guidance;
+	double eta, guidance; /* DDIM's eta; the classifier-free guidance scale (sd-unet-step) */
+} sd_plan_flags;
+
+/* A plan resolved: flags, else the frame's plan, else pndm, 50 steps, eta 0, guidance 7.5. */
+typedef struct sd_plan {
+	enum sd_sampler_kind kind;
+	int steps, karras, started; /* karras as sd_sched_new takes it; started: the plan has a "step" */
+	double eta, guidance;
+	char *spacing;              /* NULL = the model's config (malloc'd: sd_plan_clear frees it) */
+} sd_plan;
+
+/* Resolve the plan pm (a frame's "sampler" map, or NULL) with the flags; a started plan must not be
+ * contradicted.  -1 with "<where>: …" (e.g. "--steps 8: the frame's plan has 4 steps and has begun"). */
+int sd_plan_resolve(sd_plan *p, const sd_plan_flags *f, const sd_value *pm, const char *where);
+void sd_plan_clear(sd_plan *p);
+
+/* The context cf[key] f32 [N,L,D] for a batch of B latents as a new f32 [B,L,D] in *out: each row
+ * repeated B/N times (diffusers' num_images_per_prompt order); *out = NULL when the key is absent.
+ * -1 with "<where>: …" when it is no float tensor of 3 dimensions or N does not divide B. */
+int sd_context_batch(sd_tensor **out, const sd_value *cf, const char *key, int64_t B, const char *where);
+
+/* What a run of sd_denoise_frame is made of.  Nothing here is owned. */
+typedef struct sd_denoise_job {
+	sd_unet *unet;
+	const char *sched_json;     /* the model's scheduler config (sd_model_scheduler_json; NULL = SD 1.x) */
+	sd_plan_flags plan;
+	int has_seed;               /* the generator of a frame that carries none */
+	uint64_t seed;
+	int count;                  /* run at most this many steps (0 = every remaining step) */
+	int has_predict;            /* write the UNet's raw output at timestep `predict`; take no step */
+	double predict;
+	/* the conditioning frames ("context", + "uncond_context"): none = each frame's own, one for every
+	 * frame, or one each; cond_name names their stream in messages */
+	sd_value *const *cond;
+	long ncond;
+	const char *cond_name;
+	sd_note_fn *note;           /* -v remarks, one per step (may be NULL) */
+	void *user;
+} sd_denoise_job;
+
+/*
+ * Frame number idx of stream `name` through the UNet: its "latent" f32 [B,C,h,w] and its plan, the
+ * context of its conditioning frame (*cond, may be NULL, is set to it), classifier-free guidance when
+ * the guidance scale is > 1 and there is an "uncond_context"; the plan's remaining steps (at most
+ * count) are run and "latent", "sampler" (the plan, continued) and "generator" are written back, so
+ * K calls of one step give the bytes of one call of K steps.  With has_predict "eps" (+ "uncond_eps")
+ * is written instead.  -1 with "<name>: frame <idx>: …" (or "<cond_name>: frame <j>: …") on bad input.
+ */
+int sd_denoise_frame(const sd_denoise_job *j, sd_value *frame, const char *name, long idx, const sd_value **cond);
+
+/* ==== the starting noise (lib/sched/noise.c, for sd-noise) ==== */
+
+/* What a run of sd_noise_txt2img / sd_noise_img2img is made of.  Nothing here is owned. */
+typedef struct sd_noise_job {
+	sd_plan_flags plan;          /* written into the frame's plan (guidance is not used) */
+	int width, height, batch;    /* text to image: the image size in pixels, B samples in one draw */
+	const sd_geometry *geometry; /* text to image: the model's (sd_model_geometry) */
+	double strength;             /* image to image: how much of the schedule to run, in [0, 1] */
+	const char *sched_json;      /* image to image: the model's scheduler config (NULL = SD 1.x) */
+	int has_seed;                /* restart the generator from seed, else continue the frame's, else */
+	uint64_t seed;               /* seed it at random (noted) */
+	sd_note_fn *note;            /* -v remarks (may be NULL) */
+	void *user;
+} sd_noise_job;
+
+/* Text to image: frame number idx of stream `name` gets "latent" = torch.randn([B,C,H/f,W/f]) in one
+ * draw, "generator" and a plan with nothing run yet.  -1 with "<name>: frame <idx>: …" when the frame
+ * has a "latent" already or its plan has run. */
+int sd_noise_txt2img(const sd_noise_job *j, sd_value *frame, const char *name, long idx);
+/* Image to image: the frame's clean "latent" noised to the start step of its plan for `strength`
+ * (StableDiffusionImg2ImgPipeline), with "generator" and the plan written.  -1 with "<name>: frame
+ * <idx>: …" on a missing or bad latent, a plan that has run, or a strength that leaves no step. */
+int sd_noise_img2img(const sd_noise_job *j, sd_value *frame, const char *name, long idx);
+
+/* ==== backward ops (lib/ops-backward.c, lib/nn/linear.c), loss and optimizers (lib/train/) ==== */
 
 /*
  * The backward of each op of "backends and ops" on the training path (llm.c style: gradients first,
@@ -1768,5 +1896,141 @@ int sd_lora_write_peft(const sd_trainer *t, const sd_train_config *c, const char
  * sd-lora-train; …" otherwise.  A PEFT dir may hold anything else besides its component folders. */
 enum sd_train_file { SD_TRAIN_FILE_KOHYA, SD_TRAIN_FILE_PEFT, SD_TRAIN_FILE_STATE, SD_TRAIN_FILE_LOG };
 int sd_train_check_output(const char *path, enum sd_train_file kind);
+
+/* ==== a LoRA training run (lib/train/run.c, lib/train/state.c, lib/train/output.c, for sd-lora-train) ==== */
+
+/* The recipe of a run beyond the trainer's: how batches are drawn and the learning rate scheduled.
+ * cfg.seed seeds every draw of the run (the adapters, the batches, the epochs' order). */
+typedef struct sd_train_recipe {
+	sd_train_config cfg;
+	const char *caption;          // every image's caption (NULL: the data set's own)
+	int res;                      // training size in pixels (a multiple of the VAE's factor)
+	enum sd_resize_mode resize;
+	int flip;                     // flip each image horizontally with probability 1/2
+	int batch, epochs, accum;     // images per micro-batch (≤ 256), passes, micro-batches per step
+	long long max_steps;          // optimizer steps (0: from epochs)
+	int warmup, cosine;           // linear warm-up steps; then cosine (1) or constant (0)
+	int pad77;                    // pad the token ids to 77 (else to the batch's longest)
+	double noise_offset;          // + noise_offset · per-channel N(0, 1) on the noise
+} sd_train_recipe;
+
+/* A run's state: everything a step reads besides the trainer.  The tokenizer and trainer are borrowed
+ * (tr set by the caller after sd_train_run_cache); step counts the optimizer steps done. */
+typedef struct sd_train_run {
+	const sd_train_recipe *rc;
+	sd_dataset *ds;               // owned (sd_train_run_init)
+	sd_tokenizer *tok;
+	sd_trainer *tr;
+	sd_rng rng;                   // noise, timesteps, posterior samples, flips
+	int nt, lh, lw, lc;           // training timesteps; latent size
+	float sf;                     // the VAE's scaling factor
+	sd_tensor **mean, **std;      // (1,lc,lh,lw) cached posterior per image (flipped at n + i), VAE frozen
+	int ncache;
+	char hash[17];                // sd_dataset_hash after the captions
+	long long step, total;
+	int *perm;                    // the images' order in epoch perm_epoch
+	long long perm_epoch;
+} sd_train_run;
+
+/* What sd_train_run_step did: the step's loss (mean over its micro-batches), reconstruction loss, lr,
+ * epoch of its last micro-batch and gradient norm. */
+typedef struct sd_train_step_info {
+	double loss, recon, lr, grad_norm;
+	long long epoch;
+} sd_train_step_info;
+
+/* Returned by the run's functions for a failure of the training step itself (an allocation there
+ * cannot succeed: the caller may say what to lower); -1 for other failures.  Both leave a message. */
+#define SD_TRAIN_ESTEP (-2)
+
+/* The parts of a model a run needs: the weights of all three components on dev, the networks and the
+ * tokenizer.  -1 with "<model>: …" or "tokenizer: …" (free what was loaded with sd_train_models_free). */
+typedef struct sd_train_models {
+	sd_weights *w[3];
+	sd_clip *te;
+	sd_vae *vae;
+	sd_unet *unet;
+	sd_tokenizer *tok;
+} sd_train_models;
+int sd_train_models_load(sd_train_models *t, sd_model *m, enum sd_device dev);
+void sd_train_models_free(sd_train_models *t);
+
+/* --train's list ("unet,text,vae"; text_encoder for text): SD_TRAIN_* flags, or -1 with "'x' is not …".
+ * --targets' "COMPONENT=MODULE,MODULE…" into c->targets[component]: a NULL-terminated list in one
+ * malloc'd block (the caller frees it with free((void *)c->targets[k])), -1 with a message. */
+int sd_train_parse_components(const char *s);
+int sd_train_parse_targets(sd_train_config *c, const char *s);
+
+/* --optimizer NAME: its defaults (sd_optim_defaults) with c's lr kept and weight decay 0; -1 with
+ * "'x' is not adam or adamw". */
+int sd_train_set_optimizer(sd_train_config *c, const char *name);
+
+/* Start a run: read the data set at data (sd_dataset_read at rc->res; the run owns it), rc->caption
+ * (when set) replaces every caption (*replaced counts those that had one); then every image must have
+ * a caption ("<name>: no caption (…)"); then the hash. */
+int sd_train_run_init(sd_train_run *r, const sd_train_recipe *rc, const char *data, int *replaced);
+/* The latent geometry from the VAE, the training timesteps from sched_json (scheduler_config.json,
+ * NULL: 1000), the generator seeded, total steps. */
+int sd_train_run_setup(sd_train_run *r, sd_tokenizer *tok, const sd_vae *vae, const char *sched_json);
+/* With the VAE frozen: encode every image (and its flip with rc->flip) once and keep the posteriors
+ * (the same draws as encoding each step).  Nothing when the VAE trains.  SD_TRAIN_ESTEP when encoding
+ * fails ("<image>: encoding: …"). */
+int sd_train_run_cache(sd_train_run *r, sd_vae *vae);
+/* Frees what the run made (the data set, the cache, the order), not what it borrows. */
+void sd_train_run_free(sd_train_run *r);
+/* The learning rate of step (from 0) of total: linear warm-up, then constant or cosine. */
+double sd_train_lr(const sd_train_recipe *rc, long long step, long long total);
+/* The loss on the fixed evaluation batch (the first images, seed-fixed noise, evenly spread timesteps),
+ * without dropout and without touching the training state. */
+int sd_train_run_eval(sd_train_run *r, double *loss);
+/* One optimizer step (rc->accum micro-batches, the lr of sd_train_lr): 0 with r->step advanced; 1 when
+ * the loss is not finite (no step taken; the run rewound to before it and that last good state saved to
+ * state_path, the message says where); -1 or SD_TRAIN_ESTEP with "step N: …". */
+int sd_train_run_step(sd_train_run *r, const char *state_path, sd_train_step_info *info);
+/* The state file at path (written atomically; the format is in train/state.c), and back: the
+ * parameters, optimizer, generator, step and micro-step.  Load fails with "<path>: …" (saved for
+ * another data set, seed, --train/--targets/--rank) and leaves the run unusable then. */
+int sd_train_run_save(const sd_train_run *r, const char *path);
+int sd_train_run_load(sd_train_run *r, const char *path);
+/* The adapters to path as a PEFT folder (peft) or a kohya file (*skipped: VAE adapters left out), with
+ * kohya's ss_* and sdpipe_* metadata (the recipe, the steps, the data-set hash). */
+int sd_train_run_write(const sd_train_run *r, const char *path, int peft, int *skipped);
+/* A preview image prefix-stepN.png (its name into out) of prompt (NULL: the first caption) with the
+ * current adapters: the tools next to this program (then on PATH) as a txt2img pipe of steps sampler
+ * steps, seed fixed.  -1 with "preview…" when it failed (the run goes on). */
+int sd_train_run_preview(sd_train_run *r, const char *model, const char *prompt, const char *prefix, int steps,
+                         char *out, size_t outsz);
+/* 0 when the folder path would go into exists and is writable; else -1 with "<folder>: …".  For an
+ * adapter output, also sd_train_check_output of its kind (sd_train_is_peft). */
+int sd_train_check_dir(const char *path);
+int sd_train_check_adapter(const char *format, const char *path);
+/* output without its trailing slashes (and, with strip_ext, its ".safetensors") + suffix, malloc'd. */
+char *sd_train_path(const char *output, const char *suffix, int strip_ext);
+/* Whether output is a PEFT folder: format "peft" or "kohya" when given, else a trailing '/' or a folder. */
+int sd_train_is_peft(const char *format, const char *output);
+/* The --log TSV (step, epoch, loss, lr, grad_norm, seconds[, recon]): opened for appending (a resumed
+ * run) or anew with its header line; NULL with "<path>: …".  Then one row per step. */
+FILE *sd_train_log_open(const char *path, int append, int recon);
+void sd_train_log_step(FILE *f, const sd_train_run *r, const sd_train_step_info *s, double seconds, int recon);
+
+/* ==== models with random weights (lib/models/init.c, for sd-init) ==== */
+
+/* What sd_model_write_random reports as it goes (either callback may be NULL): a warning (no shipped
+ * CLIP merges: no tokenizer/ folder) and each component written (its tensors, parameters, seconds). */
+typedef struct sd_model_random_report {
+	void (*warn)(void *ctx, const char *msg);
+	void (*component)(void *ctx, const char *name, int tensors, long long params, double seconds);
+	void *ctx;
+} sd_model_random_report;
+
+/*
+ * Write a Stable Diffusion 1.x model with deterministic random weights as the diffusers folder out
+ * (which must not exist; it is built under a temporary name beside it and renamed into place, or
+ * removed on failure).  config: "tiny" (the test fixture's sizes), "sd15" (SD 1.5's) or a JSON file
+ * {"text_encoder": {…}, "unet": {…}, "vae": {…}} of transformers/diffusers configs.  The weights come
+ * from torch's generator seeded with seed + the component's index.  -1 with a message ("<config>: …",
+ * "unet: config: …", "<out>: already exists", a write error).
+ */
+int sd_model_write_random(const char *config, const char *out, uint64_t seed, const sd_model_random_report *rep);
 
 #endif

@@ -456,3 +456,18 @@ void sd_arena_free(sd_arena *a)
 	sd_arena_free(a->host);
 	free(a);
 }
+
+int sd_tensor_widen(sd_tensor *t)
+{
+	if (t->dtype == SD_DTYPE_F32) return 0;
+	if (t->device != SD_DEVICE_CPU || (t->dtype != SD_DTYPE_F16 && t->dtype != SD_DTYPE_BF16))
+		return sd_seterr("sd_tensor_widen: a %s tensor on %s", sd_dtype_name(t->dtype), sd_device_name(t->device));
+	sd_tensor *w = sd_tensor_convert(t, SD_DTYPE_F32);
+	if (!w) return -1;
+	if (t->aux && t->aux_free) t->aux_free(t->aux);
+	if (t->owns && t->data) sd_backend_get(t->device)->free(t->data);
+	t->data = w->data, t->dtype = SD_DTYPE_F32, t->owns = 1, t->aux = NULL, t->aux_free = NULL;
+	w->owns = 0;
+	sd_tensor_free(w);
+	return 0;
+}

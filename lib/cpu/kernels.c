@@ -384,6 +384,31 @@ static int cpu_embedding(float *out, const int32_t *ids, const float *table, int
 	return 0;
 }
 
+/* f16 → f32 with F16C (exact, as sd_f16_to_f32), bf16 → f32 by a shift; in parallel chunks. */
+static int cpu_to_f32(float *dst, const void *src, enum sd_dtype dtype, int64_t n)
+{
+	if (dtype != SD_DTYPE_F16 && dtype != SD_DTYPE_BF16)
+		return sd_seterr("to_f32: %s is not f16 or bf16", sd_dtype_name(dtype));
+	const uint16_t *s = src;
+	const int64_t chunk = 1 << 16;
+#pragma omp parallel for schedule(static) if (n > 4 * chunk)
+	for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+		int64_t c1 = c0 + chunk < n ? c0 + chunk : n, i = c0;
+		if (dtype == SD_DTYPE_F16) {
+			for (; i + 8 <= c1; i += 8)
+				_mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+			for (; i < c1; i++) dst[i] = sd_f16_to_f32(s[i]);
+		} else {
+			for (; i + 8 <= c1; i += 8) {
+				__m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(s + i)));
+				_mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+			}
+			for (; i < c1; i++) dst[i] = sd_bf16_to_f32(s[i]);
+		}
+	}
+	return 0;
+}
+
 const struct sd_backend sd_cpu_backend = {
 	.name = "cpu",
 	.device = SD_DEVICE_CPU,
@@ -420,4 +445,5 @@ const struct sd_backend sd_cpu_backend = {
 	.adam_step = sd_cpu_adam_step,
 	.sumsq = sd_cpu_sumsq,
 	.attention = sd_cpu_attention,
+	.to_f32 = cpu_to_f32,
 };

@@ -142,7 +142,9 @@ static const sd_tensor *need(const sd_weights *w, const char *name, int64_t d0, 
 	const sd_tensor *t = sd_weights_need(w, "%s", name);
 	if (!t) return NULL;
 	int nd = d1 < 0 ? 1 : 2;
-	if (t->dtype != SD_DTYPE_F32 || t->ndim != nd || t->shape[0] != d0 || (nd == 2 && t->shape[1] != d1)) {
+	/* matrices may be kept as stored (f16, bf16: sd_weights_load_stored), vectors are f32 */
+	int dt = t->dtype == SD_DTYPE_F32 || (nd == 2 && (t->dtype == SD_DTYPE_F16 || t->dtype == SD_DTYPE_BF16));
+	if (!dt || t->ndim != nd || t->shape[0] != d0 || (nd == 2 && t->shape[1] != d1)) {
 		char got[96], want[96];
 		int64_t ws[2] = {d0, d1};
 		sd_seterr("text_encoder: weight '%s' is %s %s, expected f32 %s", name, sd_dtype_name(t->dtype),

@@ -1,5 +1,5 @@
 /*
- * lora.c - LoRA adapters: the layer's forward, reading adapters in the formats users have, and applying
+ * lora.c - LoRA adapters (the layer's forward is nn/linear.c): reading adapters in the formats users have, and applying
  * them to a model, unmerged (run-time) or merged into its weights.  The numbers are PEFT's
  * (peft/tuners/lora/layer.py: Linear.forward, get_delta_weight, merge): y = W x + b + s·B(A x) with
  * s = alpha / r (alpha / √r with use_rslora), merged W' = W + s·B·A.  The file formats are those of
@@ -26,32 +26,6 @@
 #include <unistd.h>
 #include <sys/stat.h>
 #include "sd.h"
-
-/* ==== the layer ==== */
-
-int sd_lora_rank(const sd_lora_layer *l)
-{
-	return l && l->a && l->b ? (int)l->a->shape[0] : 0;
-}
-
-int sd_lora_linear_forward(sd_tensor *out, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b,
-                           const sd_lora_layer *l, sd_tensor *ax)
-{
-	if (sd_linear(out, x, w, b)) return -1;
-	if (!l || !l->a) return 0;
-	if (!l->b || l->a->ndim != 2 || l->b->ndim != 2 || l->b->shape[1] != l->a->shape[0])
-		return sd_seterr("sd_lora_linear_forward: A and B must be (r, in) and (out, r)");
-	if (!ax) return sd_seterr("sd_lora_linear_forward: an adapter is set but no scratch was given");
-	sd_tensor t = *x; /* x·Aᵀ (…, r) over the scratch */
-	t.shape[t.ndim - 1] = l->a->shape[0];
-	t.data = ax->data;
-	t.device = ax->device;
-	t.owns = 0;
-	if (sd_tensor_numel(&t) > sd_tensor_numel(ax)) return sd_seterr("sd_lora_linear_forward: scratch too small");
-	if (sd_linear(&t, x, l->a, NULL)) return -1;
-	/* out (…, O) += scale · t (…, r) · Bᵀ */
-	return sd_matmul(out, &t, l->b, 0, 1, l->scale, 1.0f);
-}
 
 /* ==== the set ==== */
 
@@ -805,7 +779,7 @@ static int resolve_all(sd_lora *s, sd_weights *w, struct resolved **out, int *no
 			return sd_seterr("%s: %s: the %s has no layer '%s' for this adapter", e->src, e->key,
 			                 sd_component_name(c), e->module);
 		}
-		r->W = (sd_tensor *)W; /* w owns a writable copy (sd_weights_load) */
+		r->W = (sd_tensor *)W; /* w owns a writable copy (sd_weights_load; widened before a merge) */
 		const sd_tensor *A = e->a, *B = e->b;
 		int ok;
 		if (W->ndim == 2)
@@ -817,7 +791,7 @@ static int resolve_all(sd_lora *s, sd_weights *w, struct resolved **out, int *no
 			                   : W->shape[2] == 1 && W->shape[3] == 1);
 		else
 			ok = 0;
-		if (!ok || W->dtype != SD_DTYPE_F32) {
+		if (!ok || !sd_dtype_is_float(W->dtype)) {
 			free(R);
 			return sd_seterr("%s: %s: adapter shapes %s (A) and %s (B) do not fit the %s weight '%s' %s", e->src,
 			                 e->key, shape_s(A, s1, sizeof s1), shape_s(B, s2, sizeof s2), sd_component_name(c),
@@ -897,6 +871,8 @@ static int apply(sd_lora *s, sd_weights *w, void *model, find_fn find)
 				*sl.scale = L->scale;
 			}
 		} else {
+			/* a weight kept as stored (f16, bf16) becomes f32 to take the sum, as diffusers' fuse_lora */
+			if (sd_tensor_widen(W) < 0) rc = sd_preerr("%s: %s", s->e[R[i].e].src, s->e[R[i].e].key);
 			for (int k = i; k < j && rc == 0; k++)
 				if (merge_one(s, W, &s->e[R[k].e]) < 0)
 					rc = sd_preerr("%s: %s", s->e[R[k].e].src, s->e[R[k].e].key);

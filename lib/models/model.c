@@ -739,7 +739,27 @@ static int collect_single(sd_model *m, enum sd_component c, struct ents *L, json
 	return 0;
 }
 
+static sd_weights *load(sd_model *m, enum sd_component c, enum sd_device dev, int stored);
+
 sd_weights *sd_weights_load(sd_model *m, enum sd_component c, enum sd_device dev)
+{
+	return load(m, c, dev, 0);
+}
+
+sd_weights *sd_weights_load_stored(sd_model *m, enum sd_component c, enum sd_device dev)
+{
+	return load(m, c, dev, dev == SD_DEVICE_CPU);
+}
+
+/* The dtype a tensor is kept in: f32, or (stored) an f16/bf16 matrix or kernel as the file holds it. */
+static enum sd_dtype kept_dtype(const sd_tensor *src, int ndim, int stored)
+{
+	if (!sd_dtype_is_float(src->dtype)) return src->dtype;
+	if (stored && ndim >= 2 && (src->dtype == SD_DTYPE_F16 || src->dtype == SD_DTYPE_BF16)) return src->dtype;
+	return SD_DTYPE_F32;
+}
+
+static sd_weights *load(sd_model *m, enum sd_component c, enum sd_device dev, int stored)
 {
 	if ((unsigned)c >= SD_COMPONENT_COUNT) {
 		sd_seterr("sd_weights_load: no component %d", (int)c);
@@ -779,8 +799,12 @@ sd_weights *sd_weights_load(sd_model *m, enum sd_component c, enum sd_device dev
 	cfg = NULL;
 	for (int i = 0; i < L.n; i++) {
 		const struct ent *e = &L.v[i];
-		sd_tensor *t = sd_tensor_convert(e->src, sd_dtype_is_float(e->src->dtype) ? SD_DTYPE_F32
-		                                                                           : e->src->dtype);
+		enum sd_dtype kd = kept_dtype(e->src, e->ndim, stored);
+		/* a weight kept as stored is used where the file maps it (no copy: its pages are read once, on
+		 * first use, and shared with the page cache); an unaligned one is copied */
+		int view = stored && kd != SD_DTYPE_F32 && kd == e->src->dtype && !e->src->owns &&
+		           (uintptr_t)e->src->data % sd_dtype_size(kd) == 0;
+		sd_tensor *t = view ? sd_tensor_wrap(kd, e->ndim, e->shape, e->src->data) : sd_tensor_convert(e->src, kd);
 		if (!t) goto fail_tensor;
 		t->ndim = e->ndim;
 		memcpy(t->shape, e->shape, sizeof t->shape);

@@ -318,7 +318,9 @@ static const sd_tensor *weight(sd_unet *u, const char *prefix, const char *suffi
 	if (u->random) return random_weight(u, suffix, nd, want);
 	const sd_tensor *t = sd_weights_need(u->w, "%s.%s", prefix, suffix);
 	if (!t) return NULL;
-	int ok = t->ndim == nd && t->dtype == SD_DTYPE_F32 && t->device == u->dev;
+	/* matrices and kernels may be kept as stored (f16, bf16: sd_weights_load_stored), vectors are f32 */
+	int ok = t->ndim == nd && t->device == u->dev &&
+	         (t->dtype == SD_DTYPE_F32 || (nd >= 2 && (t->dtype == SD_DTYPE_F16 || t->dtype == SD_DTYPE_BF16)));
 	for (int i = 0; ok && i < nd; i++) ok = t->shape[i] == want[i];
 	if (!ok) {
 		char a[96], b[96];

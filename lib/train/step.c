@@ -5,9 +5,9 @@
  * encoder, the UNet, MSE on epsilon (or v), backward through all three into the adapters' gradients,
  * optional clip_grad_norm_, and torch's Adam/AdamW (train/optim.c).
  *
- * The model backwards live next to their forwards (clip.c, unet.c, vae.c); this file holds the LoRA
- * linear in training (dropout masks regenerated from their seed in the backward), the trainer object
- * that creates one adapter per targeted linear and attaches it, and the step.
+ * The model backwards live next to their forwards (clip.c, unet.c, vae.c) and the LoRA linear in
+ * training in nn/linear.c; this file holds the trainer object that creates one adapter per targeted
+ * linear and attaches it, and the step.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -15,60 +15,6 @@
 #include "sd.h"
 
 #define TRY(x) do { if ((x) < 0) return -1; } while (0)
-
-/* ==== the LoRA linear in training ==== */
-
-/* A dropout mask shaped like x for t (NULL when t has no dropout), or NULL with *err set. */
-static sd_tensor *mask_for(const sd_tensor *x, const sd_lora_train *t, int *err)
-{
-	*err = 0;
-	if (!t || !(t->dropout > 0)) return NULL;
-	sd_tensor *m = sd_tensor_new_on(x->device, SD_DTYPE_F32, x->ndim, x->shape);
-	uint64_t step = t->step ? *t->step : 0;
-	if (!m || sd_dropout_mask(m, t->dropout, t->seed, sd_dropout_stream(step, t->id, 0))) {
-		sd_tensor_free(m);
-		*err = 1;
-		return NULL;
-	}
-	return m;
-}
-
-int sd_lora_train_forward(sd_tensor *out, sd_tensor *ax, const sd_tensor *x, const sd_tensor *w, const sd_tensor *b,
-                          const sd_lora_layer *l, const sd_lora_train *t)
-{
-	if (!l || !l->a || !t || !(t->dropout > 0)) return sd_lora_linear_forward(out, x, w, b, l, ax);
-	int err;
-	sd_tensor *m = mask_for(x, t, &err);
-	if (err) return -1;
-	int rc = sd_lora_linear_forward_train(out, ax, x, w, b, l, m);
-	sd_tensor_free(m);
-	return rc;
-}
-
-int sd_lora_train_backward(sd_tensor *dx, const sd_tensor *dy, const sd_tensor *x, const sd_tensor *w,
-                           const sd_lora_layer *l, const sd_lora_train *t, int acc)
-{
-	if (!l || !l->a || sd_lora_rank(l) == 0) return dx ? sd_linear_backward(dx, NULL, NULL, dy, NULL, w, acc) : 0;
-	sd_tensor *da = t ? t->da : NULL, *db = t ? t->db : NULL;
-	if (!dx && !da && !db) return 0;
-	int err;
-	sd_tensor *m = mask_for(x, t, &err), *xd = NULL, *ax = NULL;
-	if (err) return -1;
-	/* ax = (x ⊙ mask)·Aᵀ as the forward computed it (its scratch was shared by the layer's linears) */
-	int64_t shape[SD_MAX_DIMS];
-	memcpy(shape, x->shape, sizeof shape);
-	shape[x->ndim - 1] = l->a->shape[0];
-	int rc = -1;
-	if (!(ax = sd_tensor_new_on(x->device, SD_DTYPE_F32, x->ndim, shape))) goto out;
-	if (m && (!(xd = sd_tensor_new_on(x->device, SD_DTYPE_F32, x->ndim, x->shape)) || sd_mul(xd, x, m))) goto out;
-	if (sd_linear(ax, xd ? xd : x, l->a, NULL)) goto out;
-	rc = sd_lora_linear_backward(dx, da, db, dy, x, w, l, ax, m, acc);
-out:
-	sd_tensor_free(m);
-	sd_tensor_free(xd);
-	sd_tensor_free(ax);
-	return rc;
-}
 
 /* ==== the trainer ==== */
 

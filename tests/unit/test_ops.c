@@ -1010,6 +1010,54 @@ TEST(ops_cuda_vs_cpu)
 	FREE(x, gx);
 }
 
+/* Weights kept as stored (sd_weights_load_stored): an f16 or bf16 weight in sd_linear, sd_conv2d (3x3, the
+ * packed path, and 1x1), sd_embedding and sd_add's b gives exactly the numbers of that weight widened to
+ * f32 first (bit for bit: the widening is exact and the f32 path is then the same). */
+TEST(stored_dtype_weights)
+{
+	const enum sd_dtype dts[2] = {SD_DTYPE_F16, SD_DTYPE_BF16};
+	for (int k = 0; k < 2; k++) {
+		sd_tensor *x = rnd(DIMS(3, 40)), *w32 = rnd(DIMS(24, 40)), *b = rnd(DIMS(24));
+		sd_tensor *wh = sd_tensor_convert(w32, dts[k]), *ww = sd_tensor_convert(wh, SD_DTYPE_F32);
+		sd_tensor *o1 = nans(DIMS(3, 24)), *o2 = nans(DIMS(3, 24));
+		CHECK_OK(sd_linear(o1, x, wh, b));
+		CHECK_OK(sd_linear(o2, x, ww, b));
+		CHECK(!memcmp(o1->data, o2->data, sd_tensor_nbytes(o1)));
+		FREE(x, w32, b, wh, ww, o1, o2);
+		for (int ks = 1; ks <= 3; ks += 2) {
+			sd_tensor *xi = rnd(DIMS(2, 5, 9, 7)), *c32 = rnd(DIMS(6, 5, ks, ks)), *cb = rnd(DIMS(6));
+			sd_tensor *ch = sd_tensor_convert(c32, dts[k]), *cw = sd_tensor_convert(ch, SD_DTYPE_F32);
+			cw->owns = 1; /* an owned f32 weight: the cached packing */
+			sd_tensor *p1 = nans(DIMS(2, 6, 9, 7)), *p2 = nans(DIMS(2, 6, 9, 7));
+			CHECK_OK(sd_conv2d(p1, xi, ch, cb, 1, ks / 2, ks / 2, ks / 2, ks / 2));
+			CHECK_OK(sd_conv2d(p2, xi, cw, cb, 1, ks / 2, ks / 2, ks / 2, ks / 2));
+			CHECK(!memcmp(p1->data, p2->data, sd_tensor_nbytes(p1)));
+			FREE(xi, c32, cb, ch, cw, p1, p2);
+		}
+		sd_tensor *t32 = rnd(DIMS(10, 6)), *ids = sd_tensor_new(SD_DTYPE_I32, DIMS(2, 5));
+		for (int i = 0; i < 10; i++) ((int32_t *)ids->data)[i] = (i * 7) % 10;
+		sd_tensor *th = sd_tensor_convert(t32, dts[k]), *tw = sd_tensor_convert(th, SD_DTYPE_F32);
+		sd_tensor *e1 = nans(DIMS(2, 5, 6)), *e2 = nans(DIMS(2, 5, 6));
+		CHECK_OK(sd_embedding(e1, ids, th));
+		CHECK_OK(sd_embedding(e2, ids, tw));
+		CHECK(!memcmp(e1->data, e2->data, sd_tensor_nbytes(e1)));
+		((int32_t *)ids->data)[3] = 10;
+		CHECK(sd_embedding(e1, ids, th) != 0 && strstr(sd_errmsg(), "outside [0, 10)"));
+		sd_tensor *a = rnd(DIMS(2, 10, 6)), *s1 = nans(DIMS(2, 10, 6)), *s2 = nans(DIMS(2, 10, 6));
+		CHECK_OK(sd_add(s1, a, th, 1.0f, 1.0f));
+		CHECK_OK(sd_add(s2, a, tw, 1.0f, 1.0f));
+		CHECK(!memcmp(s1->data, s2->data, sd_tensor_nbytes(s1)));
+		/* widened in place: same values, f32, owned */
+		CHECK_OK(sd_tensor_widen(th));
+		CHECK(th->dtype == SD_DTYPE_F32 && !memcmp(th->data, tw->data, sd_tensor_nbytes(tw)));
+		FREE(t32, ids, th, tw, e1, e2, a, s1, s2);
+	}
+	/* other ops keep asking for f32 */
+	sd_tensor *h = sd_tensor_new(SD_DTYPE_F16, DIMS(4)), *o = nans(DIMS(4));
+	CHECK(sd_scale(o, h, 2.0f) != 0 && strstr(sd_errmsg(), "expected f32"));
+	FREE(h, o);
+}
+
 int main(void)
 {
 	RUN(matmul);
@@ -1030,6 +1078,7 @@ int main(void)
 	RUN(upsample2x);
 	RUN(concat1);
 	RUN(embedding);
+	RUN(stored_dtype_weights);
 	RUN(shape_errors);
 	RUN(ops_cuda_vs_cpu);
 	return test_summary();

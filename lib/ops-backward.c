@@ -1,129 +1,22 @@
 /*
- * train/backward.c - the backward ops of sd.h ("backward ops, loss, optimizers"): check shapes, dtypes
- * and devices once, then call the backend, as lib/ops.c does for the forwards.  What is GEMM-shaped
- * (linear, LoRA, attention) goes through the backend's sgemm and sd_matmul; the rest through the
- * training slots of lib/backend.h.  The derivatives are those of torch's autograd for the same forwards
- * (torch/csrc/autograd/FunctionsManual.cpp: the linear, convolution, native_group_norm, native_layer_norm,
- * softmax, and scaled-dot-product attention backwards; PEFT's LoRA layer is a composition of linears).
+ * ops-backward.c - the backward of each op of sd.h whose forward is in ops.c ("every op with its
+ * backward"): check shapes, dtypes and devices once, then call the backend, as lib/ops.c does for the
+ * forwards.  What is GEMM-shaped (linear, attention) goes through the backend's sgemm and sd_matmul; the
+ * rest through the training slots of lib/backend.h.  The derivatives are those of torch's autograd for the
+ * same forwards (torch/csrc/autograd/FunctionsManual.cpp: the linear, convolution, native_group_norm,
+ * native_layer_norm, softmax, and scaled-dot-product attention backwards).  The dropout mask of the
+ * LoRA linear (nn/linear.c) is here too: it is a backend slot like the others.
  *
  * Input gradients honour `acc` (0 overwrite, 1 add); parameter gradients always add (see sd.h).
  */
 #include <stdlib.h>
 #include <string.h>
-#include "../backend.h"
+#include "ops-check.h"
 
 /* ==== checks ==== */
 
 #define NOT_IMPLEMENTED(op, be) sd_seterr("%s: not implemented on %s", op, (be)->name)
 #define SLOT(be, op, slot) do { if (!(be)->slot) return NOT_IMPLEMENTED(op, be); } while (0)
-
-/* f32 and one device for the non-NULL tensors; the backend, or NULL with a message */
-static const struct sd_backend *prep(const char *op, int n, const sd_tensor *const *ts, const char *const *names)
-{
-	const sd_tensor *first = NULL;
-	for (int i = 0; i < n; i++) {
-		if (!ts[i]) continue;
-		if (ts[i]->dtype != SD_DTYPE_F32) {
-			sd_seterr("%s: %s is %s, expected f32", op, names[i], sd_dtype_name(ts[i]->dtype));
-			return NULL;
-		}
-		if (!first) first = ts[i];
-		else if (ts[i]->device != first->device) {
-			sd_seterr("%s: tensors on different devices (%s and %s)", op, sd_device_name(first->device),
-			          sd_device_name(ts[i]->device));
-			return NULL;
-		}
-	}
-	if (!first) {
-		sd_seterr("%s: no tensors", op);
-		return NULL;
-	}
-	const struct sd_backend *be = sd_backend_get(first->device);
-	if (be && be->device == SD_DEVICE_CPU) sd_threads_apply();
-	return be;
-}
-
-#define PREP(op, ...) prep(op, sizeof((const sd_tensor *[]){__VA_ARGS__}) / sizeof(const sd_tensor *), \
-                           (const sd_tensor *[]){__VA_ARGS__}, names)
-
-static int shape_err(const char *op, const char *what, const sd_tensor *t)
-{
-	char s[96];
-	return sd_seterr("%s: %s has shape %s", op, what, sd_shape_str(t->ndim, t->shape, s, sizeof s));
-}
-
-/* t must have exactly the given shape */
-static int need_shape(const char *op, const char *what, const sd_tensor *t, int ndim, const int64_t *shape)
-{
-	char s1[96], s2[96];
-	int ok = t->ndim == ndim;
-	for (int i = 0; ok && i < ndim; i++) ok = t->shape[i] == shape[i];
-	if (!ok)
-		return sd_seterr("%s: %s has shape %s, expected %s", op, what, sd_shape_str(t->ndim, t->shape, s1, sizeof s1),
-		                 sd_shape_str(ndim, shape, s2, sizeof s2));
-	return 0;
-}
-
-static int need_like(const char *op, const char *what, const sd_tensor *t, const sd_tensor *like)
-{
-	return t ? need_shape(op, what, t, like->ndim, like->shape) : 0;
-}
-
-static int64_t inner(const sd_tensor *t, int from)
-{
-	int64_t n = 1;
-	for (int i = from; i < t->ndim; i++) n *= t->shape[i];
-	return n;
-}
-
-static int isdev(const struct sd_backend *be)
-{
-	return be->device != SD_DEVICE_CPU;
-}
-
-/* A growing per-thread buffer per device and slot (0, 1), reused across calls. */
-static float *scratch(const struct sd_backend *be, int slot, size_t bytes)
-{
-	static _Thread_local struct { void *p; size_t n; const struct sd_backend *be; } bufs[2][2];
-	int d = isdev(be);
-	if (bufs[d][slot].n < bytes) {
-		if (bufs[d][slot].p) bufs[d][slot].be->free(bufs[d][slot].p);
-		bufs[d][slot].p = be->alloc(bytes);
-		bufs[d][slot].n = bufs[d][slot].p ? bytes : 0;
-		bufs[d][slot].be = be;
-		if (!bufs[d][slot].p) {
-			sd_seterr("out of memory (%zu bytes of scratch on %s)", bytes, be->name);
-			return NULL;
-		}
-	}
-	return bufs[d][slot].p;
-}
-
-/* A 2-D view (rows, cols) of t's data (no copy; t's device). */
-static sd_tensor view2(const sd_tensor *t, int64_t rows, int64_t cols)
-{
-	sd_tensor v = *t;
-	v.ndim = 2;
-	v.shape[0] = rows;
-	v.shape[1] = cols;
-	v.owns = 0;
-	v.aux = NULL;
-	v.aux_free = NULL;
-	return v;
-}
-
-/* A 2-D tensor header over scratch memory */
-static int scratch2(sd_tensor *v, const struct sd_backend *be, int slot, int64_t rows, int64_t cols)
-{
-	memset(v, 0, sizeof *v);
-	v->dtype = SD_DTYPE_F32;
-	v->ndim = 2;
-	v->shape[0] = rows;
-	v->shape[1] = cols;
-	v->device = be->device;
-	v->data = scratch(be, slot, (size_t)(rows * cols > 0 ? rows * cols : 1) * sizeof(float));
-	return v->data ? 0 : -1;
-}
 
 /* y (+)= alpha·x over n floats with the add slot (acc 0: y = alpha·x) */
 static int axpy(const struct sd_backend *be, float *y, const float *x, float alpha, int64_t n, int acc)
@@ -542,7 +435,7 @@ int sd_gaussian_sample_backward(sd_tensor *dmoments, const sd_tensor *dz, const 
 	                                    inner(dz, 2), acc);
 }
 
-/* ==== LoRA ==== */
+/* ==== dropout ==== */
 
 int sd_dropout_mask(sd_tensor *mask, float p, uint64_t seed, uint64_t stream)
 {
@@ -560,95 +453,4 @@ uint64_t sd_dropout_stream(uint64_t step, uint32_t layer, uint32_t use)
 {
 	/* 32 bits of step, 24 of layer, 8 of use: injective for steps < 2^32, layers < 2^24, uses < 256 */
 	return (step << 32) ^ ((uint64_t)(layer & 0xffffff) << 8) ^ (use & 0xff);
-}
-
-/* (rows, r) view of the first rows·r floats of ax, checked to be large enough */
-static int ax_view(const char *op, sd_tensor *t, const sd_tensor *ax, int64_t rows, int64_t r)
-{
-	if (!ax) return sd_seterr("%s: an adapter is set but ax was not given", op);
-	if (ax->dtype != SD_DTYPE_F32) return sd_seterr("%s: ax is %s, expected f32", op, sd_dtype_name(ax->dtype));
-	if (sd_tensor_numel(ax) < rows * r) return shape_err(op, "ax (too small)", ax);
-	*t = view2(ax, rows, r);
-	return 0;
-}
-
-static int check_lora(const char *op, const sd_lora_layer *l, int64_t O, int64_t I)
-{
-	if (!l->b || l->a->ndim != 2 || l->b->ndim != 2 || l->b->shape[1] != l->a->shape[0] || l->a->shape[1] != I ||
-	    l->b->shape[0] != O)
-		return sd_seterr("%s: A and B must be (r, %lld) and (%lld, r)", op, (long long)I, (long long)O);
-	return 0;
-}
-
-int sd_lora_linear_forward_train(sd_tensor *out, sd_tensor *ax, const sd_tensor *x, const sd_tensor *w,
-                                 const sd_tensor *b, const sd_lora_layer *l, const sd_tensor *mask)
-{
-	static const char op[] = "sd_lora_linear_forward_train";
-	if (!mask || !l || !l->a) return sd_lora_linear_forward(out, x, w, b, l, ax);
-	static const char *const names[] = {"out", "x", "mask"};
-	const struct sd_backend *be = PREP(op, out, x, mask);
-	if (!be) return -1;
-	if (x->ndim < 1 || w->ndim != 2 || x->shape[x->ndim - 1] != w->shape[1]) return shape_err(op, "x", x);
-	if (need_like(op, "mask", mask, x) || check_lora(op, l, w->shape[0], w->shape[1])) return -1;
-	int64_t I = w->shape[1], O = w->shape[0], r = l->a->shape[0], rows = I ? inner(x, 0) / I : 0;
-	if (sd_linear(out, x, w, b)) return -1;
-	if (rows == 0 || r == 0) return 0;
-	sd_tensor xd, t, o2 = view2(out, rows, O), x2 = view2(x, rows, I), m2 = view2(mask, rows, I);
-	/* ax = (x ⊙ mask)·Aᵀ, out += s · ax·Bᵀ (PEFT: result + lora_B(lora_A(dropout(x))) · scaling) */
-	if (ax_view(op, &t, ax, rows, r) || scratch2(&xd, be, 1, rows, I) || sd_mul(&xd, &x2, &m2)) return -1;
-	if (sd_linear(&t, &xd, l->a, NULL)) return -1;
-	return sd_matmul(&o2, &t, l->b, 0, 1, l->scale, 1.0f);
-}
-
-int sd_lora_linear_backward(sd_tensor *dx, sd_tensor *da, sd_tensor *db, const sd_tensor *dy, const sd_tensor *x,
-                            const sd_tensor *w, const sd_lora_layer *l, const sd_tensor *ax, const sd_tensor *mask,
-                            int acc)
-{
-	static const char op[] = "sd_lora_linear_backward";
-	static const char *const names[] = {"dx", "dA", "dB", "dy", "x", "w", "mask"};
-	const struct sd_backend *be = PREP(op, dx, da, db, dy, x, w, mask);
-	if (!be) return -1;
-	int lora = l && l->a && sd_lora_rank(l) > 0;
-	if (!lora) return dx ? sd_linear_backward(dx, NULL, NULL, dy, NULL, w, acc) : 0;
-	if (w->ndim != 2) return shape_err(op, "w", w);
-	int64_t O = w->shape[0], I = w->shape[1], r = l->a->shape[0];
-	if (check_lora(op, l, O, I)) return -1;
-	if (!x) return sd_seterr("%s: x is required", op);
-	if (x->ndim < 1 || x->shape[x->ndim - 1] != I) return shape_err(op, "x", x);
-	int64_t rows = I ? inner(x, 0) / I : inner(dy, 0) / (O ? O : 1);
-	int64_t yshape[SD_MAX_DIMS];
-	memcpy(yshape, x->shape, sizeof yshape);
-	yshape[x->ndim - 1] = O;
-	if (need_shape(op, "dy", dy, x->ndim, yshape) || need_like(op, "dx", dx, x) || need_like(op, "mask", mask, x) ||
-	    (da && need_shape(op, "dA", da, 2, l->a->shape)) || (db && need_shape(op, "dB", db, 2, l->b->shape)))
-		return -1;
-	sd_tensor t;
-	if (ax_view(op, &t, ax, rows, r)) return -1;
-	if (dx && sd_linear_backward(dx, NULL, NULL, dy, NULL, w, acc)) return -1;
-	if (rows == 0) return 0;
-	sd_tensor dy2 = view2(dy, rows, O), x2 = view2(x, rows, I), g, xd;
-	/* dB (O, r) += s · dyᵀ · ax */
-	if (db && sd_matmul(db, &dy2, &t, 1, 0, l->scale, 1.0f)) return -1;
-	if (!da && !dx) return 0;
-	/* g (rows, r) = dy · B */
-	if (scratch2(&g, be, 0, rows, r) || sd_matmul(&g, &dy2, l->b, 0, 0, 1.0f, 0.0f)) return -1;
-	sd_tensor m2 = mask ? view2(mask, rows, I) : x2;
-	if (da) {
-		/* dA (r, I) += s · gᵀ · (x ⊙ mask) */
-		const sd_tensor *src = &x2;
-		if (mask) {
-			if (scratch2(&xd, be, 1, rows, I) || sd_mul(&xd, &x2, &m2)) return -1;
-			src = &xd;
-		}
-		if (sd_matmul(da, &g, src, 1, 0, l->scale, 1.0f)) return -1;
-	}
-	if (dx) {
-		sd_tensor dx2 = view2(dx, rows, I);
-		/* dx += s · (g · A) ⊙ mask (dx already holds dy·w) */
-		if (!mask) return sd_matmul(&dx2, &g, l->a, 0, 0, l->scale, 1.0f);
-		if (scratch2(&xd, be, 1, rows, I) || sd_matmul(&xd, &g, l->a, 0, 0, l->scale, 0.0f) || sd_mul(&xd, &xd, &m2) ||
-		    sd_add(&dx2, &dx2, &xd, 1.0f, 1.0f))
-			return -1;
-	}
-	return 0;
 }
