@@ -54,50 +54,12 @@ static void usage(void)
 	exit(0);
 }
 
-/* The number of %d conversions in an -o name: 0 (a plain name) or 1; anything else is a usage error
- * (the check of tensortopnm's -o PATTERN). */
+/* The number of %d conversions in an -o name: 0 (a plain name) or 1; anything else is a usage error. */
 static int check_pattern(const char *p)
 {
-	int n = 0;
-	for (const char *s = p; *s; s++) {
-		if (*s != '%') continue;
-		if (s[1] == '%') { s++; continue; }
-		s++;
-		while (*s >= '0' && *s <= '9') s++;
-		if (*s != 'd') sd_usage_error("-o: '%s': only %%d (with a width) and %%%% may follow %%", p);
-		n++;
-	}
+	int n = sd_count_pattern(p);
 	if (n > 1) sd_usage_error("-o: '%s' must contain at most one %%d", p);
 	return n;
-}
-
-/* Check frame number idx and return its image tensor as f32 (*conv set when converted: free it). */
-static const sd_tensor *frame_image(const sd_value *frame, const char *key, const char *name, long idx,
-                                    sd_tensor **conv)
-{
-	char s[128];
-	*conv = NULL;
-	sd_value *v = sd_map_get(frame, key);
-	if (!v) sd_die("%s: frame %ld: no \"%s\" key", name, idx, key);
-	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"%s\" is not a tensor", name, idx, key);
-	const sd_tensor *t = v->u.t;
-	sd_shape_str(t->ndim, t->shape, s, sizeof s);
-	if (t->ndim != 3 && t->ndim != 4)
-		sd_die("%s: frame %ld: \"%s\" has shape %s, want [N,C,H,W] or [C,H,W]", name, idx, key, s);
-	int64_t C = t->shape[t->ndim - 3];
-	if (C != 1 && C != 3)
-		sd_die("%s: frame %ld: \"%s\" has shape %s: %lld channels, but only 1 (gray) or 3 (RGB) can be "
-		       "written", name, idx, key, s, (long long)C);
-	if (t->shape[t->ndim - 2] < 1 || t->shape[t->ndim - 1] < 1 || t->shape[t->ndim - 2] > INT32_MAX ||
-	    t->shape[t->ndim - 1] > INT32_MAX)
-		sd_die("%s: frame %ld: \"%s\" has shape %s: not a writable image size", name, idx, key, s);
-	if (t->dtype == SD_DTYPE_F32) return t;
-	if (!sd_dtype_is_float(t->dtype))
-		sd_die("%s: frame %ld: \"%s\" has dtype %s, want a float tensor (f32, f16, bf16)", name, idx, key,
-		       sd_dtype_name(t->dtype));
-	*conv = sd_tensor_convert(t, SD_DTYPE_F32);
-	if (!*conv) sd_die("%s: frame %ld: \"%s\": %s", name, idx, key, sd_errmsg());
-	return *conv;
 }
 
 /* The file name of image number i (from 1): the pattern's, or out.png → out-i.png (the number before
@@ -207,7 +169,7 @@ int main(int argc, char **argv)
 	while ((rc = sd_reader_next(r, &frame)) == 1) {
 		long idx = sd_reader_index(r);
 		sd_tensor *conv;
-		const sd_tensor *t = frame_image(frame, o.key, name, idx, &conv);
+		const sd_tensor *t = sd_frame_image(frame, o.key, name, idx, "1 (gray) or 3 (RGB)", &conv);
 		const int o3 = t->ndim - 3;
 		const int64_t N = t->ndim == 4 ? t->shape[0] : 1;
 		const int64_t chw[3] = {t->shape[o3], t->shape[o3 + 1], t->shape[o3 + 2]};

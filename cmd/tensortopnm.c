@@ -45,50 +45,6 @@ static void usage(void)
 }
 
 
-/* A file-name pattern must hold exactly one integer conversion (%d, %05d, …); %% is a literal %. */
-static void check_pattern(const char *p)
-{
-	int n = 0;
-	for (const char *s = p; *s; s++) {
-		if (*s != '%') continue;
-		if (s[1] == '%') { s++; continue; }
-		s++;
-		while (*s >= '0' && *s <= '9') s++;
-		if (*s != 'd') sd_usage_error("-o: '%s': only %%d (with a width) and %%%% may follow %%", p);
-		n++;
-	}
-	if (n != 1) sd_usage_error("-o: '%s' must contain exactly one %%d", p);
-}
-
-/* Check frame number idx and return its image tensor as f32 (*conv set when converted: free it). */
-static const sd_tensor *frame_image(const sd_value *frame, const char *key, const char *name, long idx,
-                                    sd_tensor **conv)
-{
-	char s[128];
-	*conv = NULL;
-	sd_value *v = sd_map_get(frame, key);
-	if (!v) sd_die("%s: frame %ld: no \"%s\" key", name, idx, key);
-	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"%s\" is not a tensor", name, idx, key);
-	const sd_tensor *t = v->u.t;
-	sd_shape_str(t->ndim, t->shape, s, sizeof s);
-	if (t->ndim != 3 && t->ndim != 4)
-		sd_die("%s: frame %ld: \"%s\" has shape %s, want [N,C,H,W] or [C,H,W]", name, idx, key, s);
-	int64_t C = t->shape[t->ndim - 3];
-	if (C != 1 && C != 3)
-		sd_die("%s: frame %ld: \"%s\" has shape %s: %lld channels, but only 1 (PGM) or 3 (PPM) can be "
-		       "written", name, idx, key, s, (long long)C);
-	if (t->shape[t->ndim - 2] < 1 || t->shape[t->ndim - 1] < 1 || t->shape[t->ndim - 2] > INT32_MAX ||
-	    t->shape[t->ndim - 1] > INT32_MAX)
-		sd_die("%s: frame %ld: \"%s\" has shape %s: not a writable image size", name, idx, key, s);
-	if (t->dtype == SD_DTYPE_F32) return t;
-	if (!sd_dtype_is_float(t->dtype))
-		sd_die("%s: frame %ld: \"%s\" has dtype %s, want a float tensor (f32, f16, bf16)", name, idx, key,
-		       sd_dtype_name(t->dtype));
-	*conv = sd_tensor_convert(t, SD_DTYPE_F32);
-	if (!*conv) sd_die("%s: frame %ld: \"%s\": %s", name, idx, key, sd_errmsg());
-	return *conv;
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -110,7 +66,10 @@ int main(int argc, char **argv)
 		switch (c) {
 		case 'M': o.maxval = (int)sd_parse_int("--maxval", optarg, 1, 65535); break;
 		case 'k': o.key = optarg; break;
-		case 'o': check_pattern(optarg); o.pattern = optarg; break;
+		case 'o':
+			if (sd_count_pattern(optarg) != 1) sd_usage_error("-o: '%s' must contain exactly one %%d", optarg);
+			o.pattern = optarg;
+			break;
 		case 'f': o.force = 1; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
@@ -133,7 +92,7 @@ int main(int argc, char **argv)
 	while ((rc = sd_reader_next(r, &frame)) == 1) {
 		long idx = sd_reader_index(r);
 		sd_tensor *conv;
-		const sd_tensor *t = frame_image(frame, o.key, name, idx, &conv);
+		const sd_tensor *t = sd_frame_image(frame, o.key, name, idx, "1 (PGM) or 3 (PPM)", &conv);
 		const int o3 = t->ndim - 3;
 		const int64_t N = t->ndim == 4 ? t->shape[0] : 1;
 		const int64_t chw[3] = {t->shape[o3], t->shape[o3 + 1], t->shape[o3 + 2]};

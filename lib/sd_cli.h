@@ -70,6 +70,15 @@ void sd_close_stdout(void);
 void sd_frame_note_generation(sd_value *frame, const sd_value *cond, const char *model, const char *const *lora,
                               int nlora);
 
+/* The sinks' -o PATTERN: the number of integer conversions (%d, %05d, ...) in p, %% being a literal %;
+ * any other conversion is a usage error. */
+int sd_count_pattern(const char *p);
+/* The image a sink writes: frame[key] checked to be a float [N,C,H,W] or [C,H,W] with C = 1 or 3 (kinds
+ * names them in the message, e.g. "1 (PGM) or 3 (PPM)") and a writable size, as f32 (*conv set when
+ * converted: the caller frees it).  Bad input exits 1 with "<name>: frame <idx>: ...". */
+const sd_tensor *sd_frame_image(const sd_value *frame, const char *key, const char *name, long idx,
+                                const char *kinds, sd_tensor **conv);
+
 /* 1 when stderr is a terminal (progress bars). */
 int sd_stderr_tty(void);
 

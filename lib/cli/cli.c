@@ -246,3 +246,45 @@ void sd_frame_note_generation(sd_value *frame, const sd_value *cond, const char 
 	}
 	if (!arr || sd_map_set(frame, "lora", arr)) sd_die("out of memory");
 }
+
+int sd_count_pattern(const char *p)
+{
+	int n = 0;
+	for (const char *s = p; *s; s++) {
+		if (*s != '%') continue;
+		if (s[1] == '%') { s++; continue; }
+		s++;
+		while (*s >= '0' && *s <= '9') s++;
+		if (*s != 'd') sd_usage_error("-o: '%s': only %%d (with a width) and %%%% may follow %%", p);
+		n++;
+	}
+	return n;
+}
+
+const sd_tensor *sd_frame_image(const sd_value *frame, const char *key, const char *name, long idx,
+                                const char *kinds, sd_tensor **conv)
+{
+	char s[128];
+	*conv = NULL;
+	sd_value *v = sd_map_get(frame, key);
+	if (!v) sd_die("%s: frame %ld: no \"%s\" key", name, idx, key);
+	if (v->type != SD_V_TENSOR) sd_die("%s: frame %ld: \"%s\" is not a tensor", name, idx, key);
+	const sd_tensor *t = v->u.t;
+	sd_shape_str(t->ndim, t->shape, s, sizeof s);
+	if (t->ndim != 3 && t->ndim != 4)
+		sd_die("%s: frame %ld: \"%s\" has shape %s, want [N,C,H,W] or [C,H,W]", name, idx, key, s);
+	int64_t C = t->shape[t->ndim - 3];
+	if (C != 1 && C != 3)
+		sd_die("%s: frame %ld: \"%s\" has shape %s: %lld channels, but only %s can be written", name, idx, key, s,
+		       (long long)C, kinds);
+	if (t->shape[t->ndim - 2] < 1 || t->shape[t->ndim - 1] < 1 || t->shape[t->ndim - 2] > INT32_MAX ||
+	    t->shape[t->ndim - 1] > INT32_MAX)
+		sd_die("%s: frame %ld: \"%s\" has shape %s: not a writable image size", name, idx, key, s);
+	if (t->dtype == SD_DTYPE_F32) return t;
+	if (!sd_dtype_is_float(t->dtype))
+		sd_die("%s: frame %ld: \"%s\" has dtype %s, want a float tensor (f32, f16, bf16)", name, idx, key,
+		       sd_dtype_name(t->dtype));
+	*conv = sd_tensor_convert(t, SD_DTYPE_F32);
+	if (!*conv) sd_die("%s: frame %ld: \"%s\": %s", name, idx, key, sd_errmsg());
+	return *conv;
+}

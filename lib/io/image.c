@@ -31,10 +31,11 @@
 #include <png.h>
 
 #include "sd.h"
+#include "io.h"
 
 /* ==== limits and helpers ==== */
 
-/* The same cap as pnm.c: 2^28 pixels (16384x16384), SD_MAX_PIXELS overrides. */
+/* The cap of every image reader (pnm.c uses it too): 2^28 pixels (16384x16384), SD_MAX_PIXELS overrides. */
 #define MAX_PIXELS ((int64_t)1 << 28)
 /* The most bytes sd_image_read takes from a stream (a 16384x16384 16-bit RGBA PNG stored raw is 2 GiB,
  * but no real one is that large compressed). */
@@ -47,8 +48,8 @@ int64_t sd_image_max_pixels(void)
 	char *end;
 	errno = 0;
 	long long v = strtoll(e, &end, 10);
-	if (errno || *end || v < 1) return MAX_PIXELS; /* a bad value keeps the default, as in pnm.c */
-	return v < ((int64_t)1 << 40) ? (int64_t)v : (int64_t)1 << 40;
+	if (errno || *end || v < 1) return MAX_PIXELS; /* a bad value keeps the default */
+	return v < ((int64_t)1 << 40) ? (int64_t)v : (int64_t)1 << 40; /* so that 4·cap·depth cannot overflow */
 }
 
 /* Is a W x H image acceptable?  0, or -1 with a message in why (the wording of pnm.c's check_size). */
@@ -521,10 +522,7 @@ static int png_encode(struct png_wr *st, int nt, const float *px, int64_t C, int
 			const float *src = px + (c * H + y) * W;
 			for (int64_t x = 0; x < W; x++) {
 				/* the rounding of pnm.c's encode, so a PNG and a PPM of one tensor hold the same samples */
-				double v = src[x];
-				if (!(v > 0.0)) v = 0.0; /* also NaN */
-				if (v > 1.0) v = 1.0;
-				long q = lround(v * mv);
+				long q = sd_io_quantize(src[x], mv);
 				unsigned char *d = st->row + (x * C + c) * bps;
 				if (bps == 2) { d[0] = (unsigned char)(q >> 8); d[1] = (unsigned char)q; }
 				else d[0] = (unsigned char)q;

@@ -4,7 +4,17 @@
 #ifndef SD_IO_H
 #define SD_IO_H
 
+#include <math.h>
 #include <stddef.h>
+
+/* A sample in [0,1] as an integer of 0..maxval: clamped (NaN as 0) and rounded half away from zero,
+ * the one rounding of every image writer (PNM, PNG). */
+static inline long sd_io_quantize(double v, double maxval)
+{
+	if (!(v > 0.0)) v = 0.0;
+	if (v > 1.0) v = 1.0;
+	return lround(v * maxval);
+}
 
 /* One piece of a file being written: n bytes at p (p may be NULL when n is 0). */
 struct sd_io_chunk {

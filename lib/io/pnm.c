@@ -27,6 +27,7 @@
 #include <pam.h>
 
 #include "sd.h"
+#include "io.h"
 
 /* libnetpbm's PAM_STRUCT_SIZE(tuple_type) computes the offset through a null pointer, which UBSan
  * reports as undefined behaviour; this is the same number by offsetof. */
@@ -59,20 +60,9 @@ static void pm_setup(void)
 
 /* ==== reading ==== */
 
-/* The largest image read, in pixels (W·H), unless $SD_MAX_PIXELS says otherwise: 2^28 (16384×16384),
- * an f32 RGB tensor of 3 GiB.  Samples (W·H·depth) may be up to 4 times that (RGBA). */
-#define MAX_PIXELS ((int64_t)1 << 28)
-
-static int64_t max_pixels(void)
-{
-	const char *e = getenv("SD_MAX_PIXELS");
-	if (!e || !*e) return MAX_PIXELS;
-	char *end;
-	errno = 0;
-	long long v = strtoll(e, &end, 10);
-	if (errno || *end || v < 1) return MAX_PIXELS; /* a bad value keeps the default */
-	return v < ((int64_t)1 << 40) ? (int64_t)v : (int64_t)1 << 40; /* so that 4·cap·depth cannot overflow */
-}
+/* The largest image read is sd_image_max_pixels() (image.c): 2^28 pixels (16384×16384, an f32 RGB
+ * tensor of 3 GiB) unless $SD_MAX_PIXELS says otherwise.  Samples (W·H·depth) may be 4 times that. */
+#define max_pixels sd_image_max_pixels
 
 /*
  * Is an image with this header acceptable?  Its pixels must be within max_pixels() and its samples
@@ -279,10 +269,7 @@ static int encode(FILE *m, const float *px, int C, int H, int W, int maxval)
 		for (int64_t c = 0; c < C; c++) {
 			const float *src = px + (c * H + y) * W;
 			for (int64_t x = 0; x < W; x++) {
-				double v = src[x];
-				if (!(v > 0.0)) v = 0.0; /* also NaN */
-				if (v > 1.0) v = 1.0;
-				row[x][c] = (sample)lround(v * mv);
+				row[x][c] = (sample)sd_io_quantize(src[x], mv);
 			}
 		}
 		pnm_writepamrow(&pam, row);
