@@ -173,23 +173,25 @@ bad:
 	                 sd_shape_str(out->ndim, out->shape, so, sizeof so));
 }
 
-/* ==== scratch for ops that need temporary memory (attention scores) ==== */
+/* ==== scratch for ops that need temporary memory (attention scores, widened weights) ==== */
 
-/* A growing per-thread buffer on the backend's device, reused across calls. */
-static float *scratch(const struct sd_backend *be, size_t bytes)
+enum { SCRATCH_ATTENTION, SCRATCH_WEIGHT0, SCRATCH_WEIGHT1, SCRATCH_SLOTS };
+
+/* A growing per-thread buffer per slot on the backend's device, reused across calls. */
+static float *scratch(const struct sd_backend *be, int slot, size_t bytes)
 {
-	static _Thread_local struct { void *p; size_t n; } bufs[2];
+	static _Thread_local struct { void *p; size_t n; } bufs[2][SCRATCH_SLOTS];
 	int d = be->device == SD_DEVICE_CUDA;
-	if (bufs[d].n < bytes) {
-		if (bufs[d].p) be->free(bufs[d].p);
-		bufs[d].p = be->alloc(bytes);
-		bufs[d].n = bufs[d].p ? bytes : 0;
-		if (!bufs[d].p) {
+	if (bufs[d][slot].n < bytes) {
+		if (bufs[d][slot].p) be->free(bufs[d][slot].p);
+		bufs[d][slot].p = be->alloc(bytes ? bytes : 1);
+		bufs[d][slot].n = bufs[d][slot].p ? bytes : 0;
+		if (!bufs[d][slot].p) {
 			sd_seterr("out of memory (%zu bytes of scratch on %s)", bytes, be->name);
 			return NULL;
 		}
 	}
-	return bufs[d].p;
+	return bufs[d][slot].p;
 }
 
 /* ==== checks shared by the ops ==== */
@@ -252,26 +254,15 @@ static int need_weight(const char *op, const char *what, const sd_tensor *w, con
 	return 0;
 }
 
-/* w's values as f32: its own data when f32, else widened at use into a per-thread buffer on its device
- * (slot `which`, so that two weights of one op can be live), valid until the next use of that slot.
- * NULL with a message when out of memory. */
+/* w's values as f32: its own data when f32, else widened at use into scratch slot SCRATCH_WEIGHT0 +
+ * which (two weights of one op can be live), valid until the next use of that slot.  NULL with a
+ * message when out of memory. */
 static const float *weight_f32(const struct sd_backend *be, const sd_tensor *w, int which)
 {
 	if (w->dtype == SD_DTYPE_F32) return w->data;
-	static _Thread_local struct { void *p; size_t n; } bufs[2][2];
-	int d = be->device == SD_DEVICE_CUDA;
-	size_t bytes = (size_t)sd_tensor_numel(w) * sizeof(float);
-	if (bufs[d][which].n < bytes) {
-		if (bufs[d][which].p) be->free(bufs[d][which].p);
-		bufs[d][which].p = be->alloc(bytes ? bytes : 1);
-		bufs[d][which].n = bufs[d][which].p ? bytes : 0;
-		if (!bufs[d][which].p) {
-			sd_seterr("out of memory (%zu bytes to widen a %s weight on %s)", bytes, sd_dtype_name(w->dtype), be->name);
-			return NULL;
-		}
-	}
-	if (be->to_f32(bufs[d][which].p, w->data, w->dtype, sd_tensor_numel(w))) return NULL;
-	return bufs[d][which].p;
+	float *buf = scratch(be, SCRATCH_WEIGHT0 + which, (size_t)sd_tensor_numel(w) * sizeof(float));
+	if (!buf || be->to_f32(buf, w->data, w->dtype, sd_tensor_numel(w))) return NULL;
+	return buf;
 }
 
 static int64_t inner(const sd_tensor *t, int from)
@@ -529,7 +520,7 @@ int sd_attention(sd_tensor *out, const sd_tensor *q, const sd_tensor *k, const s
 	int64_t blk = probs ? Lq : ATTN_SCRATCH_FLOATS / (H * Lk);
 	if (blk < 1) blk = 1;
 	if (blk > Lq) blk = Lq;
-	float *S = probs ? NULL : scratch(be, (size_t)(H * blk * Lk) * sizeof(float));
+	float *S = probs ? NULL : scratch(be, SCRATCH_ATTENTION, (size_t)(H * blk * Lk) * sizeof(float));
 	if (!probs && !S) return -1;
 	const float *Q = q->data, *K = k->data, *V = v->data;
 	float *O = out->data;

@@ -15,7 +15,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "sd.h"
+#include "sched.h"
 
 static double now(void)
 {
@@ -24,17 +24,7 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-static void note(const sd_denoise_job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void note(const sd_denoise_job *j, const char *fmt, ...)
-{
-	if (!j->note) return;
-	char msg[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	j->note(j->user, msg);
-}
+#define note(j, ...) sd_sched_note((j)->note, (j)->user, __VA_ARGS__)
 
 /* ==== conditioning ==== */
 

@@ -15,19 +15,9 @@
 #include <sys/random.h>
 #include <time.h>
 
-#include "sd.h"
+#include "sched.h"
 
-static void note(const sd_noise_job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void note(const sd_noise_job *j, const char *fmt, ...)
-{
-	if (!j->note) return;
-	char msg[1024];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(msg, sizeof msg, fmt, ap);
-	va_end(ap);
-	j->note(j->user, msg);
-}
+#define note(j, ...) sd_sched_note((j)->note, (j)->user, __VA_ARGS__)
 
 /* A seed nobody chose: 63 random bits (recorded in the frame, so the run can be repeated). */
 static uint64_t random_seed(void)
