@@ -150,6 +150,21 @@ TEST(errors)
 	CHECK(!strcmp(sd_errmsg(), "inner 7"));
 	sd_preerr("outer");
 	CHECK(!strcmp(sd_errmsg(), "outer: inner 7"));
+	/* a message made from the one before it (issue 18: the old text was overwritten while read) */
+	sd_seterr("image of 40000x40000 pixels");
+	sd_seterr("%s: %s", "bomb.tar.gz/big.ppm", sd_errmsg());
+	CHECK(!strcmp(sd_errmsg(), "bomb.tar.gz/big.ppm: image of 40000x40000 pixels"));
+	sd_preerr("%s", sd_errmsg()); /* the prefix itself read from the message */
+	CHECK(!strcmp(sd_errmsg(), "bomb.tar.gz/big.ppm: image of 40000x40000 pixels: "
+	                           "bomb.tar.gz/big.ppm: image of 40000x40000 pixels"));
+	/* a cut message says so */
+	char big[3000];
+	memset(big, 'x', sizeof big - 1);
+	big[sizeof big - 1] = 0;
+	sd_seterr("%s", big);
+	CHECK(strlen(sd_errmsg()) == 1023 && !strcmp(sd_errmsg() + 1020, "..."));
+	sd_seterr("%s: %s", "pre", sd_errmsg());
+	CHECK(!strncmp(sd_errmsg(), "pre: xxx", 8) && strlen(sd_errmsg()) == 1023);
 }
 
 /* C = alpha op(A) op(B) + beta C in double, for checking */
