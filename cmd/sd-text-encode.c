@@ -27,7 +27,8 @@ static void usage(void)
 	printf("Usage: %s -m MODEL [OPTION]...\n"
 	       "Encode CLIP token ids with a model's text encoder: reads a tensor stream, replaces\n"
 	       "\"tokens\" (i32 [N,L]) with \"context\" (f32 [N,L,D]) and \"uncond_tokens\" with\n"
-	       "\"uncond_context\", and passes every other key through.\n"
+	       "\"uncond_context\", and passes every other key through.  L may be 77k: each chunk of 77\n"
+	       "is encoded on its own; \"weights\" (f32 [N,L]) scale the states (A1111's emphasis).\n"
 	       "\n"
 	       "  -m, --model PATH     diffusers folder, .safetensors or .ckpt (default: $SD_MODEL)\n"
 	       "      --config DIR     diffusers folder whose text_encoder/config.json describes a\n"
@@ -49,8 +50,8 @@ static void usage(void)
 
 
 /* Encode frame[in] into frame[out]; 0 when the frame has no `in` key. */
-static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char *out, int clip_skip,
-                      long idx)
+static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char *win, const char *out,
+                      int clip_skip, long idx)
 {
 	sd_value *v = sd_map_get(frame, in);
 	if (!v) return 0;
@@ -62,7 +63,9 @@ static int encode_key(sd_clip *clip, sd_value *frame, const char *in, const char
 		       sd_shape_str(t->ndim, t->shape, s, sizeof s));
 	const int64_t N = t->shape[0], L = t->shape[1], D = sd_clip_get_config(clip)->hidden;
 	sd_tensor *ctx = N > 0 && L > 0 ? sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D) : NULL;
-	if (!ctx || sd_clip_encode(clip, ctx, t, clip_skip, NULL) < 0)
+	sd_value *wv = sd_map_get(frame, win);
+	if (wv && wv->type != SD_V_TENSOR) sd_die("stdin: frame %ld: \"%s\" is not a tensor", idx, win);
+	if (!ctx || sd_prompt_encode(clip, ctx, t, wv ? wv->u.t : NULL, clip_skip) < 0)
 		sd_die("stdin: frame %ld: \"%s\": %s", idx, in,
 		       N > 0 && L > 0 ? sd_errmsg() : "an empty tensor holds no tokens");
 	if (sd_map_set_tensor(frame, out, ctx) < 0) sd_die("stdin: frame %ld: %s", idx, sd_errmsg());
@@ -141,8 +144,8 @@ int main(int argc, char **argv)
 		double t1 = sd_now();
 		if (!sd_map_get(frame, "tokens"))
 			sd_die("stdin: frame %ld: no \"tokens\" key (sd-tokenize makes it)", idx);
-		encode_key(clip, frame, "tokens", "context", o.clip_skip, idx);
-		int un = encode_key(clip, frame, "uncond_tokens", "uncond_context", o.clip_skip, idx);
+		encode_key(clip, frame, "tokens", "weights", "context", o.clip_skip, idx);
+		int un = encode_key(clip, frame, "uncond_tokens", "uncond_weights", "uncond_context", o.clip_skip, idx);
 		sd_write_frame_or_die(frame);
 		sd_info("frame %ld: context%s, %.3f s", idx, un ? " and uncond_context" : "", sd_now() - t1);
 		sd_value_free(frame);

@@ -4,7 +4,8 @@
  *   sd-tokenize "a photo in the style of **" | sd-text-encode -m model | sd-info
  *
  * A source in sd-tensor(5) terms: each prompt (the PROMPT arguments, then the lines of each -f FILE)
- * becomes {"prompt": text, "tokens": i32 [1,77], "negative_prompt": text, "uncond_tokens": i32 [1,77]},
+ * becomes {"prompt": text, "tokens": i32 [1,77k], "negative_prompt": text, "uncond_tokens": i32 [1,77k]}
+ * (k chunks of 77, both padded to the same k; "weights" f32 [1,77k] when brackets weight the prompt),
  * as diffusers' StableDiffusionPipeline tokenizes them (the negative prompt is "" without --negative:
  * the unconditional half of classifier-free guidance).  All input is read and checked before the
  * first frame is written, so bad input leaves stdout empty.
@@ -30,14 +31,16 @@ struct prompt {
 struct opts {
 	const char *model, *config, *vocab, *negative;
 	const char **files;
-	int nfiles;
+	int nfiles, no_weighting;
 };
 
 static void usage(void)
 {
 	printf("Usage: %s [OPTION]... [PROMPT]...\n"
 	       "Tokenize prompts for the CLIP text encoder: one frame per prompt with \"prompt\",\n"
-	       "\"tokens\" (i32 [1,77]), \"negative_prompt\" and \"uncond_tokens\" (i32 [1,77]).\n"
+	       "\"tokens\" (i32 [1,77k]), \"negative_prompt\" and \"uncond_tokens\" (i32 [1,77k]),\n"
+	       "in chunks of 77 (A1111's long prompts), and \"weights\"/\"uncond_weights\" (f32 [1,77k])\n"
+	       "when the prompt has (word:1.2), (word) or [word] weights.\n"
 	       "Prompts are the PROMPT arguments, then the lines of each -f FILE; with neither,\n"
 	       "the lines of standard input.\n"
 	       "\n"
@@ -47,7 +50,8 @@ static void usage(void)
 	       "  -m, --model PATH       take the tokenizer of this model (default: $SD_MODEL)\n"
 	       "      --config DIR       diffusers folder for a single-file model (its tokenizer/)\n"
 	       "      --vocab DIR        a folder with vocab.json and merges.txt (overrides -m)\n"
-	       "  -v, --verbose          report the token count of each prompt\n"
+	       "      --no-weighting     take brackets as text (no A1111 (word:1.2) weights)\n"
+	       "  -v, --verbose          report the chunk count of each prompt\n"
 	       "  -h, --help             display this help and exit\n"
 	       "      --version          output version information and exit\n"
 	       "\n"
@@ -56,7 +60,6 @@ static void usage(void)
 	       sd_prog, MAX_LINE, sd_prog);
 	exit(0);
 }
-
 
 /* Offset of the first byte that is not part of well-formed UTF-8 (no overlongs, surrogates or code
  * points above U+10FFFF), or -1 when all of s is valid. */
@@ -160,28 +163,56 @@ static int32_t pad_id(const sd_tokenizer *tok, const char *dir)
 	return id;
 }
 
-/* tokens i32 [1,77] of p; warns (as diffusers does) when the prompt is cut. */
-static sd_tensor *tokenize(const sd_tokenizer *tok, const struct prompt *p, int32_t pad)
+/* The tokens of p in 77-token chunks (lib/models/prompt.c), padded with empty chunks to `want`. */
+struct toks {
+	int32_t *ids;
+	float *w;
+	int k;
+};
+
+static struct toks tokenize(const sd_tokenizer *tok, const struct prompt *p, int32_t pad, int weighting)
 {
-	sd_tensor *t = sd_tensor_newv(SD_DTYPE_I32, 2, (int64_t)1, (int64_t)SD_CLIP_MAX_LEN);
-	int full = 0;
-	if (!t || sd_tokenize_padded(tok, p->text, p->len, t->data, SD_CLIP_MAX_LEN, pad, &full) < 0)
+	struct toks t;
+	if (sd_prompt_tokenize(tok, p->text, p->len, weighting, pad, &t.ids, &t.w, &t.k) < 0)
 		sd_die("%s: %s", p->where, sd_errmsg());
-	if (full > SD_CLIP_MAX_LEN)
-		sd_warn("%s: %d tokens, truncated to CLIP's %d", p->where, full, SD_CLIP_MAX_LEN);
-	sd_info("%s: %d tokens", p->where, full);
+	sd_info("%s: %d chunk%s of 77 tokens", p->where, t.k, t.k == 1 ? "" : "s");
 	return t;
+}
+
+/* frame[key] = ids as i32 [1,77k] and, when a weight is not 1, frame[wkey] = f32 [1,77k]. */
+static void put(sd_value *f, const char *key, const char *wkey, struct toks t, int want, int32_t pad,
+                const char *where)
+{
+	int32_t *ids = malloc((size_t)t.k * SD_CLIP_MAX_LEN * sizeof *ids);
+	float *w = malloc((size_t)t.k * SD_CLIP_MAX_LEN * sizeof *w);
+	int k = t.k;
+	if (!ids || !w) sd_die("out of memory");
+	memcpy(ids, t.ids, (size_t)k * SD_CLIP_MAX_LEN * sizeof *ids);
+	memcpy(w, t.w, (size_t)k * SD_CLIP_MAX_LEN * sizeof *w);
+	if (sd_prompt_pad_chunks(&ids, &w, &k, want, pad) < 0) sd_die("%s: %s", where, sd_errmsg());
+	const int64_t L = (int64_t)k * SD_CLIP_MAX_LEN;
+	int weighted = 0;
+	for (int64_t i = 0; i < L; i++) weighted |= w[i] != 1.0f;
+	sd_tensor *ti = sd_tensor_newv(SD_DTYPE_I32, 2, (int64_t)1, L);
+	sd_tensor *tw = weighted ? sd_tensor_newv(SD_DTYPE_F32, 2, (int64_t)1, L) : NULL;
+	if (!ti || (weighted && !tw)) sd_die("out of memory");
+	memcpy(ti->data, ids, L * sizeof *ids);
+	if (tw) memcpy(tw->data, w, L * sizeof *w);
+	if (sd_map_set_tensor(f, key, ti) < 0 || (tw && sd_map_set_tensor(f, wkey, tw) < 0))
+		sd_die("%s: %s", where, sd_errmsg());
+	free(ids), free(w);
 }
 
 int main(int argc, char **argv)
 {
-	enum { OPT_VOCAB = 256, OPT_CONFIG, OPT_VERSION };
+	enum { OPT_VOCAB = 256, OPT_CONFIG, OPT_VERSION, OPT_NO_WEIGHTING };
 	static const struct option longopts[] = {
 		{"file", required_argument, NULL, 'f'},
 		{"negative", required_argument, NULL, 'n'},
 		{"model", required_argument, NULL, 'm'},
 		{"config", required_argument, NULL, OPT_CONFIG},
 		{"vocab", required_argument, NULL, OPT_VOCAB},
+		{"no-weighting", no_argument, NULL, OPT_NO_WEIGHTING},
 		{"verbose", no_argument, NULL, 'v'},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, OPT_VERSION},
@@ -200,6 +231,7 @@ int main(int argc, char **argv)
 		case 'm': o.model = optarg; break;
 		case OPT_CONFIG: o.config = optarg; break;
 		case OPT_VOCAB: o.vocab = optarg; break;
+		case OPT_NO_WEIGHTING: o.no_weighting = 1; break;
 		case 'v': sd_verbose = 1; break;
 		case 'h': usage(); break;
 		case OPT_VERSION: sd_print_version(); break;
@@ -235,16 +267,19 @@ int main(int argc, char **argv)
 	int32_t pad = pad_id(tok, dir);
 
 	/* 3. all frames built, then written */
-	sd_tensor *uncond = tokenize(tok, &neg, pad);
+	struct toks uncond = tokenize(tok, &neg, pad, !o.no_weighting);
 	sd_value **frames = calloc(nprompts, sizeof *frames);
 	if (!frames) sd_die("out of memory");
 	for (size_t i = 0; i < nprompts; i++) {
 		sd_value *f = frames[i] = sd_value_map();
-		sd_tensor *u = sd_tensor_convert(uncond, SD_DTYPE_I32);
-		if (!f || sd_map_set_str(f, "prompt", prompts[i].text) < 0 ||
-		    sd_map_set_tensor(f, "tokens", tokenize(tok, &prompts[i], pad)) < 0 ||
-		    sd_map_set_str(f, "negative_prompt", neg.text) < 0 || sd_map_set_tensor(f, "uncond_tokens", u) < 0)
-			sd_die("%s: %s", prompts[i].where, sd_errmsg());
+		struct toks t = tokenize(tok, &prompts[i], pad, !o.no_weighting);
+		int want = t.k > uncond.k ? t.k : uncond.k;
+		if (!f || sd_map_set_str(f, "prompt", prompts[i].text) < 0) sd_die("%s", sd_errmsg());
+		put(f, "tokens", "weights", t, want, pad, prompts[i].where);
+		if (sd_map_set_str(f, "negative_prompt", neg.text) < 0) sd_die("%s", sd_errmsg());
+		put(f, "uncond_tokens", "uncond_weights", uncond, want, pad, prompts[i].where);
+		free(t.ids);
+		free(t.w);
 	}
 	for (size_t i = 0; i < nprompts; i++) {
 		sd_write_frame_or_die(frames[i]);
@@ -256,7 +291,8 @@ int main(int argc, char **argv)
 		if (prompts[i].owned) free(prompts[i].text);
 	free(prompts);
 	free(o.files);
-	sd_tensor_free(uncond);
+	free(uncond.ids);
+	free(uncond.w);
 	sd_tokenizer_free(tok);
 	sd_model_close(m);
 	sd_close_stdout();

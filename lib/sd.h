@@ -914,6 +914,35 @@ size_t sd_clip_peak_bytes(const sd_clip *c);
  */
 int sd_clip_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, int clip_skip, sd_tensor *hidden);
 
+/* ==== Prompt weighting and long prompts (lib/models/prompt.c) ==== */
+
+/* A1111's attention syntax: "(a)" x1.1, "[a]" /1.1, "(a:1.3)", "\\(" escapes.  One piece of text with the
+ * weight it carries (text NUL-terminated, malloc'd). */
+typedef struct sd_prompt_span {
+	char *text;
+	size_t len;
+	float weight;
+} sd_prompt_span;
+
+/* Parse len bytes of text into *n spans (at least one; neighbours of equal weight merged); the caller
+ * frees them with sd_prompt_spans_free.  0 or -1 with a message. */
+int sd_prompt_parse(const char *text, size_t len, sd_prompt_span **spans, int *n);
+void sd_prompt_spans_free(sd_prompt_span *s, int n);
+/* The tokens of a prompt in 77-token chunks as A1111 makes them (BOS, up to 75 tokens, EOS, padding;
+ * a full chunk ends after a comma among its last 20 tokens): *ids i32 and *weights f32, both
+ * 77 * *nchunks long, malloc'd (caller frees).  weighting = 0 takes the text as it is (weights all 1).
+ * A prompt of at most 75 tokens without brackets gives what sd_tokenize_padded gives. */
+int sd_prompt_tokenize(const sd_tokenizer *tok, const char *text, size_t len, int weighting, int32_t pad_id,
+                       int32_t **ids, float **weights, int *nchunks);
+/* Append chunks of the empty prompt until there are `want` (the negative prompt padded to the prompt's
+ * length, as A1111 does); realloc'd in place. */
+int sd_prompt_pad_chunks(int32_t **ids, float **weights, int *nchunks, int want, int32_t pad_id);
+/* out (N,L,D) for tokens (N,L), L a multiple of 77: each chunk encoded on its own (sd_clip_encode) and
+ * concatenated; with weights (f32 (N,L), or NULL) each chunk of each row multiplied by its token weights
+ * and rescaled to its former mean (A1111's original emphasis).  L <= 77 without weights is exactly
+ * sd_clip_encode.  out on the CPU.  0 or -1 with a message. */
+int sd_prompt_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, const sd_tensor *weights, int clip_skip);
+
 /*
  * The forward with every activation a backward needs (the trainer's path for a text-encoder LoRA):
  * tensor data in the arena `a` (on the encoder's device; the caller resets it), tensor headers and the

@@ -147,7 +147,14 @@ sd-tokenize -m "$tiny" "$prompt" >"$T/tok-model.st"
 same vocab-equals-shipped "$T/tok-shipped.st" "$T/tok-vocab.st"
 same model-tokenizer-equals-shipped "$T/tok-shipped.st" "$T/tok-model.st"
 long=$(i=0; while [ $i -lt 100 ]; do printf 'word%d ' $i; i=$((i + 1)); done)
-ok long-prompt-truncated "sd-tokenize '$long' 2>'$T/warn' | sd-info | grep -Eq '^  tokens +i32 +\[1,77\]' && grep -q '^sd-tokenize: argument 1: .*truncated' '$T/warn'"
+ok long-prompt-chunked "sd-tokenize -n 'blurry' '$long' 2>'$T/warn' | sd-info | grep -Eq '^  tokens +i32 +\[1,(154|231|308)\]' && ! grep -q truncated '$T/warn'"
+ok long-negative-padded "sd-tokenize -n 'blurry' '$long' | sd-info | grep -Eq '^  uncond_tokens +i32 +\[1,(154|231|308)\]'"
+ok weights-key "sd-tokenize '(red:1.3) car, [blurry]' | sd-info | grep -Eq '^  weights +f32 +\[1,77\]'"
+ok no-weights-key "! sd-tokenize 'red car' | sd-info | grep -q weights && ! sd-tokenize --no-weighting '(red:1.3)' | sd-info | grep -q weights"
+ok long-weighted-context "sd-tokenize -n 'blurry' '($long:1.2)' | sd-text-encode -m '$tiny' | sd-info | grep -Eq '^  uncond_context +f32 +\[1,(154|231|308),32\]'"
+# a 120-token weighted prompt renders (the UNet takes 154 context tokens, the negative prompt padded to match)
+w120="(masterpiece:1.2), a lighthouse on a cliff"; for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30; do w120="$w120, word$i [blurry]"; done
+ok txt2img-long-weighted "cd '$T' && sd-txt2img -m '$tiny' -p '$w120' -N '(ugly:1.3)' --steps 2 -W 64 -H 64 -s 1 -o '$T/w120.png' >/dev/null 2>&1 && test -s '$T/w120.png'"
 
 # ==== bad input ====
 # sd-tokenize: every check before any output
