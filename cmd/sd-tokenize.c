@@ -6,7 +6,8 @@
  * A source in sd-tensor(5) terms: each prompt (the PROMPT arguments, then the lines of each -f FILE)
  * becomes {"prompt": text, "tokens": i32 [1,77], "negative_prompt": text, "uncond_tokens": i32 [1,77]},
  * as diffusers' StableDiffusionPipeline tokenizes them (the negative prompt is "" without --negative:
- * the unconditional half of classifier-free guidance).  All input is read and checked before the
+ * the unconditional half of classifier-free guidance); an SDXL model's second tokenizer adds "tokens_2"
+ * and "uncond_tokens_2" (its own padding).  All input is read and checked before the
  * first frame is written, so bad input leaves stdout empty.
  */
 #include <jansson.h>
@@ -37,7 +38,8 @@ static void usage(void)
 {
 	printf("Usage: %s [OPTION]... [PROMPT]...\n"
 	       "Tokenize prompts for the CLIP text encoder: one frame per prompt with \"prompt\",\n"
-	       "\"tokens\" (i32 [1,77]), \"negative_prompt\" and \"uncond_tokens\" (i32 [1,77]).\n"
+	       "\"tokens\" (i32 [1,77]), \"negative_prompt\" and \"uncond_tokens\" (i32 [1,77]); with an\n"
+	       "SDXL model also \"tokens_2\" and \"uncond_tokens_2\" from its second tokenizer.\n"
 	       "Prompts are the PROMPT arguments, then the lines of each -f FILE; with neither,\n"
 	       "the lines of standard input.\n"
 	       "\n"
@@ -233,9 +235,14 @@ int main(int argc, char **argv)
 	if (!tok) sd_die("%s", sd_errmsg());
 	sd_info("tokenizer: %s (%d entries)", dir ? dir : "the shipped CLIP vocabulary", sd_tokenizer_vocab_size(tok));
 	int32_t pad = pad_id(tok, dir);
+	/* SDXL: the second tokenizer (its own padding) gives "tokens_2" / "uncond_tokens_2" */
+	const char *dir2 = !o.vocab && m ? sd_model_tokenizer_2_dir(m) : NULL;
+	sd_tokenizer *tok2 = dir2 ? sd_tokenizer_load(dir2) : NULL;
+	if (dir2 && !tok2) sd_die("%s", sd_errmsg());
+	int32_t pad2 = tok2 ? pad_id(tok2, dir2) : 0;
 
 	/* 3. all frames built, then written */
-	sd_tensor *uncond = tokenize(tok, &neg, pad);
+	sd_tensor *uncond = tokenize(tok, &neg, pad), *uncond2 = tok2 ? tokenize(tok2, &neg, pad2) : NULL;
 	sd_value **frames = calloc(nprompts, sizeof *frames);
 	if (!frames) sd_die("out of memory");
 	for (size_t i = 0; i < nprompts; i++) {
@@ -243,7 +250,9 @@ int main(int argc, char **argv)
 		sd_tensor *u = sd_tensor_convert(uncond, SD_DTYPE_I32);
 		if (!f || sd_map_set_str(f, "prompt", prompts[i].text) < 0 ||
 		    sd_map_set_tensor(f, "tokens", tokenize(tok, &prompts[i], pad)) < 0 ||
-		    sd_map_set_str(f, "negative_prompt", neg.text) < 0 || sd_map_set_tensor(f, "uncond_tokens", u) < 0)
+		    sd_map_set_str(f, "negative_prompt", neg.text) < 0 || sd_map_set_tensor(f, "uncond_tokens", u) < 0 ||
+		    (tok2 && (sd_map_set_tensor(f, "tokens_2", tokenize(tok2, &prompts[i], pad2)) < 0 ||
+		              sd_map_set_tensor(f, "uncond_tokens_2", sd_tensor_convert(uncond2, SD_DTYPE_I32)) < 0)))
 			sd_die("%s: %s", prompts[i].where, sd_errmsg());
 	}
 	for (size_t i = 0; i < nprompts; i++) {
@@ -257,7 +266,9 @@ int main(int argc, char **argv)
 	free(prompts);
 	free(o.files);
 	sd_tensor_free(uncond);
+	sd_tensor_free(uncond2);
 	sd_tokenizer_free(tok);
+	sd_tokenizer_free(tok2);
 	sd_model_close(m);
 	sd_close_stdout();
 	return 0;

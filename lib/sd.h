@@ -458,9 +458,10 @@ void sd_ckpt_close(sd_ckpt *c);
 
 /* ==== models (lib/models/model.c) ==== */
 
-enum sd_component { SD_TEXT_ENCODER = 0, SD_VAE, SD_UNET, SD_COMPONENT_COUNT };
+/* SD_TEXT_ENCODER_2: SDXL's second text encoder (CLIPTextModelWithProjection, diffusers folders only). */
+enum sd_component { SD_TEXT_ENCODER = 0, SD_VAE, SD_UNET, SD_TEXT_ENCODER_2, SD_COMPONENT_COUNT };
 
-/* "text_encoder", "vae", "unet" (the diffusers folder names). */
+/* "text_encoder", "vae", "unet", "text_encoder_2" (the diffusers folder names). */
 const char *sd_component_name(enum sd_component c);
 
 /*
@@ -493,6 +494,10 @@ int sd_model_has(const sd_model *m, enum sd_component c);
 /* The tokenizer folder of a diffusers model (holding vocab.json + merges.txt), or NULL for single files
  * (then the shipped CLIP vocabulary applies). */
 const char *sd_model_tokenizer_dir(const sd_model *m);
+/* SDXL: the second tokenizer's folder (tokenizer_2/), NULL when the model has none. */
+const char *sd_model_tokenizer_2_dir(const sd_model *m);
+/* model_index.json's force_zeros_for_empty_prompt (SDXL): 1 when true, else 0. */
+int sd_model_force_zeros(const sd_model *m);
 /* scheduler/scheduler_config.json as text (NULL when the model has none). */
 const char *sd_model_scheduler_json(const sd_model *m);
 
@@ -913,6 +918,21 @@ size_t sd_clip_peak_bytes(const sd_clip *c);
  * the chosen one are skipped.  Tensors on the CPU or on the encoder's device.  0 or -1 with a message.
  */
 int sd_clip_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, int clip_skip, sd_tensor *hidden);
+
+/*
+ * SDXL's use of one encoder (StableDiffusionXLPipeline.encode_prompt): penult (N,L,D) =
+ * hidden_states[-2] (the penultimate layer's output, no final LN); pooled (N,P), when not NULL, = the
+ * final-LN state at the EOS position (transformers' pooler_output) through text_projection (P its rows)
+ * when the encoder has one (CLIPTextModelWithProjection's text_embeds), else the pooled state (P = D).
+ * Host tensors; tokens i32 or i64.  0 or -1 with a message.
+ */
+int sd_clip_encode_sdxl(sd_clip *c, sd_tensor *penult, sd_tensor *pooled, const sd_tensor *tokens);
+/* Both SDXL encoders on their own tokens (N,L): *context (N,L,D1+D2) = the two penultimate states
+ * concatenated on channels, *pooled (N,P) = te2's text_embeds; new host tensors the caller frees. */
+int sd_clip_encode_sdxl_pair(sd_clip *te1, sd_clip *te2, const sd_tensor *tok1, const sd_tensor *tok2,
+                             sd_tensor **context, sd_tensor **pooled);
+/* Rows of text_projection (projection_dim), 0 when the encoder has none. */
+int sd_clip_projection_dim(const sd_clip *c);
 
 /*
  * The forward with every activation a backward needs (the trainer's path for a text-encoder LoRA):
