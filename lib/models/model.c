@@ -735,6 +735,9 @@ static int collect_single(sd_model *m, enum sd_component c, struct ents *L, json
 			if (!strncmp(src_name(s, i), "cond_stage_model.model.", 23))
 				return sd_seterr("%s: the text encoder is OpenCLIP's (Stable Diffusion 2.x), which is "
 				                 "not supported", m->path);
+		if (!ldm_prefix(c))
+			return sd_seterr("%s: model has no %s (single files hold no second text encoder here: "
+			                 "SDXL single-file checkpoints are not supported)", m->path, component_names[c]);
 		return sd_seterr("%s: model has no %s (no %s* tensors)", m->path, component_names[c],
 		                 ldm_prefix(c));
 	}
