@@ -2,8 +2,8 @@
 # tests/pipeline/sdxl.sh - SDXL through the tools against diffusers 0.25.1 (../shared/fixtures-sd2-sdxl,
 # golden/sdxl-tiny): both tokenizers with their own padding, both text encoders (penultimate states
 # concatenated, text_encoder_2's text_embeds as "pooled"), the zero negative embeddings of
-# force_zeros_for_empty_prompt, the UNet with text_time added conditioning, and the seeded Euler
-# txt2img; tensors within 1e-4 relative, images within 2 levels.  SKIPs when the fixtures are absent.
+# force_zeros_for_empty_prompt; the UNet (text_time added conditioning, not built yet) refused
+# clearly; tensors within 1e-4 relative, images within 2 levels.  SKIPs when the fixtures are absent.
 . tests/pipeline/lib.sh
 
 F=${SD2_SDXL_FIXTURES:-../shared/fixtures-sd2-sdxl}
@@ -45,4 +45,7 @@ ok text-encode-golden-ids "sd-text-encode -m '$M' <'$T/ids.st' >'$T/ids.ctx'"
 num text-embeds "$py compare '$T/ids.ctx' pooled '$X' text_encoder_2.text_embeds 1e-4"
 bad no-tokens-2 1 sd-text-encode "sd-tokenize 'x' | sd-text-encode -m '$M'"
 bad clip-skip-refused 2 sd-text-encode "sd-text-encode -m '$M' --clip-skip 2 <'$T/astro.tok'"
+# the UNet's text_time added conditioning is not built yet: refused by name, nothing on stdout
+sd-noise -m "$M" -W 64 -H 64 --seed 1 >"$T/n.st" 2>/dev/null
+bad unet-text-time-refused 1 sd-unet-step "sd-unet-step -m '$M' -c '$T/astro.st' <'$T/n.st'"
 finish
