@@ -7,7 +7,8 @@
  * becomes {"prompt": text, "tokens": i32 [1,77k], "negative_prompt": text, "uncond_tokens": i32 [1,77k]}
  * (k chunks of 77, both padded to the same k; "weights" f32 [1,77k] when brackets weight the prompt),
  * as diffusers' StableDiffusionPipeline tokenizes them (the negative prompt is "" without --negative:
- * the unconditional half of classifier-free guidance).  All input is read and checked before the
+ * the unconditional half of classifier-free guidance); an SDXL model's second tokenizer adds "tokens_2"
+ * and "uncond_tokens_2" (its own padding).  All input is read and checked before the
  * first frame is written, so bad input leaves stdout empty.
  */
 #include <jansson.h>
@@ -40,7 +41,8 @@ static void usage(void)
 	       "Tokenize prompts for the CLIP text encoder: one frame per prompt with \"prompt\",\n"
 	       "\"tokens\" (i32 [1,77k]), \"negative_prompt\" and \"uncond_tokens\" (i32 [1,77k]),\n"
 	       "in chunks of 77 (A1111's long prompts), and \"weights\"/\"uncond_weights\" (f32 [1,77k])\n"
-	       "when the prompt has (word:1.2), (word) or [word] weights.\n"
+	       "when the prompt has (word:1.2), (word) or [word] weights; with an SDXL model also\n"
+	       "\"tokens_2\" and \"uncond_tokens_2\" from its second tokenizer.\n"
 	       "Prompts are the PROMPT arguments, then the lines of each -f FILE; with neither,\n"
 	       "the lines of standard input.\n"
 	       "\n"
@@ -61,33 +63,9 @@ static void usage(void)
 	exit(0);
 }
 
-/* Offset of the first byte that is not part of well-formed UTF-8 (no overlongs, surrogates or code
- * points above U+10FFFF), or -1 when all of s is valid. */
-static long bad_utf8(const unsigned char *s, size_t n)
-{
-	size_t i = 0;
-	while (i < n) {
-		unsigned c = s[i];
-		size_t k;
-		unsigned lo = 0x80, hi = 0xBF;
-		if (c < 0x80) { i++; continue; }
-		else if (c >= 0xC2 && c <= 0xDF) k = 1;
-		else if (c >= 0xE0 && c <= 0xEF) { k = 2; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
-		else if (c >= 0xF0 && c <= 0xF4) { k = 3; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
-		else return (long)i;
-		if (i + k >= n) return (long)i; /* cut short */
-		for (size_t j = 1; j <= k; j++) {
-			unsigned b = s[i + j];
-			if (j == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return (long)i;
-		}
-		i += k + 1;
-	}
-	return -1;
-}
-
 static void check_text(const struct prompt *p)
 {
-	long at = bad_utf8((const unsigned char *)p->text, p->len);
+	long at = sd_utf8_invalid_at(p->text, p->len);
 	if (at >= 0)
 		sd_die("%s: not valid UTF-8 text (byte 0x%02X at offset %ld)", p->where,
 		       (unsigned char)p->text[at], at);
@@ -179,7 +157,7 @@ static struct toks tokenize(const sd_tokenizer *tok, const struct prompt *p, int
 	return t;
 }
 
-/* frame[key] = ids as i32 [1,77k] and, when a weight is not 1, frame[wkey] = f32 [1,77k]. */
+/* frame[key] = ids as i32 [1,77k] and, when wkey is given and a weight is not 1, frame[wkey] = f32 [1,77k]. */
 static void put(sd_value *f, const char *key, const char *wkey, struct toks t, int want, int32_t pad,
                 const char *where)
 {
@@ -192,7 +170,7 @@ static void put(sd_value *f, const char *key, const char *wkey, struct toks t, i
 	if (sd_prompt_pad_chunks(&ids, &w, &k, want, pad) < 0) sd_die("%s: %s", where, sd_errmsg());
 	const int64_t L = (int64_t)k * SD_CLIP_MAX_LEN;
 	int weighted = 0;
-	for (int64_t i = 0; i < L; i++) weighted |= w[i] != 1.0f;
+	for (int64_t i = 0; wkey && i < L; i++) weighted |= w[i] != 1.0f;
 	sd_tensor *ti = sd_tensor_newv(SD_DTYPE_I32, 2, (int64_t)1, L);
 	sd_tensor *tw = weighted ? sd_tensor_newv(SD_DTYPE_F32, 2, (int64_t)1, L) : NULL;
 	if (!ti || (weighted && !tw)) sd_die("out of memory");
@@ -265,9 +243,15 @@ int main(int argc, char **argv)
 	if (!tok) sd_die("%s", sd_errmsg());
 	sd_info("tokenizer: %s (%d entries)", dir ? dir : "the shipped CLIP vocabulary", sd_tokenizer_vocab_size(tok));
 	int32_t pad = pad_id(tok, dir);
+	/* SDXL: the second tokenizer (its own padding) gives "tokens_2" / "uncond_tokens_2" */
+	const char *dir2 = !o.vocab && m ? sd_model_tokenizer_2_dir(m) : NULL;
+	sd_tokenizer *tok2 = dir2 ? sd_tokenizer_load(dir2) : NULL;
+	if (dir2 && !tok2) sd_die("%s", sd_errmsg());
+	int32_t pad2 = tok2 ? pad_id(tok2, dir2) : 0;
 
 	/* 3. all frames built, then written */
 	struct toks uncond = tokenize(tok, &neg, pad, !o.no_weighting);
+	struct toks uncond2 = tok2 ? tokenize(tok2, &neg, pad2, 0) : (struct toks){0};
 	sd_value **frames = calloc(nprompts, sizeof *frames);
 	if (!frames) sd_die("out of memory");
 	for (size_t i = 0; i < nprompts; i++) {
@@ -278,6 +262,12 @@ int main(int argc, char **argv)
 		put(f, "tokens", "weights", t, want, pad, prompts[i].where);
 		if (sd_map_set_str(f, "negative_prompt", neg.text) < 0) sd_die("%s", sd_errmsg());
 		put(f, "uncond_tokens", "uncond_weights", uncond, want, pad, prompts[i].where);
+		if (tok2) {
+			struct toks t2 = tokenize(tok2, &prompts[i], pad2, 0);
+			put(f, "tokens_2", NULL, t2, want, pad2, prompts[i].where);
+			put(f, "uncond_tokens_2", NULL, uncond2, want, pad2, prompts[i].where);
+			free(t2.ids), free(t2.w);
+		}
 		free(t.ids);
 		free(t.w);
 	}
@@ -293,7 +283,10 @@ int main(int argc, char **argv)
 	free(o.files);
 	free(uncond.ids);
 	free(uncond.w);
+	free(uncond2.ids);
+	free(uncond2.w);
 	sd_tokenizer_free(tok);
+	sd_tokenizer_free(tok2);
 	sd_model_close(m);
 	sd_close_stdout();
 	return 0;

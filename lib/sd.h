@@ -429,6 +429,9 @@ void sd_tokenizer_free(sd_tokenizer *tok);
  * "<|endoftext|>"), -1 when the vocabulary lacks it. */
 int sd_tokenizer_vocab_size(const sd_tokenizer *tok);
 int32_t sd_tokenizer_token_id(const sd_tokenizer *tok, const char *token);
+/* Offset of the first byte of s (n bytes) that is not well-formed UTF-8 (no overlongs, surrogates, code
+ * points above U+10FFFF or cut sequences), -1 when all of it is. */
+long sd_utf8_invalid_at(const char *s, size_t n);
 /* Untruncated ids of text (len bytes of UTF-8): BOS, the BPE tokens, EOS.  *ids is malloc'd (caller
  * frees), *n its length.  Invalid UTF-8 is an error. */
 int sd_tokenize(const sd_tokenizer *tok, const char *text, size_t len, int32_t **ids, int *n);
@@ -458,9 +461,10 @@ void sd_ckpt_close(sd_ckpt *c);
 
 /* ==== models (lib/models/model.c) ==== */
 
-enum sd_component { SD_TEXT_ENCODER = 0, SD_VAE, SD_UNET, SD_COMPONENT_COUNT };
+/* SD_TEXT_ENCODER_2: SDXL's second text encoder (CLIPTextModelWithProjection, diffusers folders only). */
+enum sd_component { SD_TEXT_ENCODER = 0, SD_VAE, SD_UNET, SD_TEXT_ENCODER_2, SD_COMPONENT_COUNT };
 
-/* "text_encoder", "vae", "unet" (the diffusers folder names). */
+/* "text_encoder", "vae", "unet", "text_encoder_2" (the diffusers folder names). */
 const char *sd_component_name(enum sd_component c);
 
 /*
@@ -493,6 +497,10 @@ int sd_model_has(const sd_model *m, enum sd_component c);
 /* The tokenizer folder of a diffusers model (holding vocab.json + merges.txt), or NULL for single files
  * (then the shipped CLIP vocabulary applies). */
 const char *sd_model_tokenizer_dir(const sd_model *m);
+/* SDXL: the second tokenizer's folder (tokenizer_2/), NULL when the model has none. */
+const char *sd_model_tokenizer_2_dir(const sd_model *m);
+/* model_index.json's force_zeros_for_empty_prompt (SDXL): 1 when true, else 0. */
+int sd_model_force_zeros(const sd_model *m);
 /* scheduler/scheduler_config.json as text (NULL when the model has none). */
 const char *sd_model_scheduler_json(const sd_model *m);
 
@@ -942,6 +950,21 @@ int sd_prompt_pad_chunks(int32_t **ids, float **weights, int *nchunks, int want,
  * and rescaled to its former mean (A1111's original emphasis).  L <= 77 without weights is exactly
  * sd_clip_encode.  out on the CPU.  0 or -1 with a message. */
 int sd_prompt_encode(sd_clip *c, sd_tensor *out, const sd_tensor *tokens, const sd_tensor *weights, int clip_skip);
+
+/*
+ * SDXL's use of one encoder (StableDiffusionXLPipeline.encode_prompt): penult (N,L,D) =
+ * hidden_states[-2] (the penultimate layer's output, no final LN); pooled (N,P), when not NULL, = the
+ * final-LN state at the EOS position (transformers' pooler_output) through text_projection (P its rows)
+ * when the encoder has one (CLIPTextModelWithProjection's text_embeds), else the pooled state (P = D).
+ * Host tensors; tokens i32 or i64.  0 or -1 with a message.
+ */
+int sd_clip_encode_sdxl(sd_clip *c, sd_tensor *penult, sd_tensor *pooled, const sd_tensor *tokens);
+/* Both SDXL encoders on their own tokens (N,L): *context (N,L,D1+D2) = the two penultimate states
+ * concatenated on channels, *pooled (N,P) = te2's text_embeds; new host tensors the caller frees. */
+int sd_clip_encode_sdxl_pair(sd_clip *te1, sd_clip *te2, const sd_tensor *tok1, const sd_tensor *tok2,
+                             sd_tensor **context, sd_tensor **pooled);
+/* Rows of text_projection (projection_dim), 0 when the encoder has none. */
+int sd_clip_projection_dim(const sd_clip *c);
 
 /*
  * The forward with every activation a backward needs (the trainer's path for a text-encoder LoRA):

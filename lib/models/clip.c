@@ -27,6 +27,8 @@ struct sd_clip {
 	const sd_tensor *tok_emb;   // (V, D)
 	const sd_tensor *pos_emb;   // (P, D)
 	const sd_tensor *final_w, *final_b; // (D)
+	const sd_tensor *proj;      // (P, D) text_projection.weight (CLIPTextModelWithProjection), or NULL
+	int eos_id;                 // config eos_token_id (2: transformers' legacy rule, the largest id)
 	sd_clip_layer *layer;       // [layers]
 	sd_arena *arena;            // sd_clip_encode's scratch, reset per call
 	sd_arena *bw, *bws;         // sd_clip_backward's gradients and per-layer scratch
@@ -258,6 +260,19 @@ static int build(sd_clip *c, const sd_weights *w)
 #undef SUB
 	}
 	TRY(need_norm(w, &c->final_w, &c->final_b, "text_model.final_layer_norm", D));
+	/* CLIPTextModelWithProjection (SDXL's text_encoder_2): text_projection, a Linear without bias */
+	const sd_tensor *pj = sd_weights_get(w, "text_model.text_projection.weight");
+	if (!pj) pj = sd_weights_get(w, "text_projection.weight");
+	if (pj) {
+		if (pj->ndim != 2 || pj->shape[1] != D)
+			return sd_seterr("text_encoder: text_projection.weight does not take width %lld", (long long)D);
+		if (!(c->proj = need(w, sd_weights_get(w, "text_projection.weight") ? "text_projection.weight"
+		                                                                   : "text_model.text_projection.weight",
+		                     pj->shape[0], D)))
+			return -1;
+	}
+	c->eos_id = 2;
+	TRY(cfg_int(w, "eos_token_id", 0, 1 << 24, &c->eos_id));
 	return 0;
 }
 
@@ -267,7 +282,7 @@ sd_clip *sd_clip_new(const sd_weights *w)
 		sd_seterr("sd_clip_new: no weights");
 		return NULL;
 	}
-	if (sd_weights_component(w) != SD_TEXT_ENCODER) {
+	if (sd_weights_component(w) != SD_TEXT_ENCODER && sd_weights_component(w) != SD_TEXT_ENCODER_2) {
 		sd_seterr("sd_clip_new: the weights are the %s, not the text_encoder",
 		          sd_component_name(sd_weights_component(w)));
 		return NULL;
@@ -298,6 +313,11 @@ void sd_clip_free(sd_clip *c)
 const sd_clip_config *sd_clip_get_config(const sd_clip *c)
 {
 	return &c->cfg;
+}
+
+int sd_clip_projection_dim(const sd_clip *c)
+{
+	return c->proj ? (int)c->proj->shape[0] : 0;
 }
 
 const sd_clip_layer *sd_clip_get_layer(const sd_clip *c, int i)
@@ -557,5 +577,80 @@ int sd_clip_backward(sd_clip *c, const sd_clip_act *act, const sd_tensor *dout)
 			return sd_preerr("text_encoder: layer %d backward", l);
 	}
 	sd_arena_reset(c->bws);
+	return 0;
+}
+
+/* ==== SDXL's use of an encoder ==== */
+
+int sd_clip_encode_sdxl(sd_clip *c, sd_tensor *penult, sd_tensor *pooled, const sd_tensor *tokens)
+{
+	const sd_clip_config *g = &c->cfg;
+	char s1[96];
+	if (g->layers < 2) return sd_seterr("text_encoder: %d layer: no penultimate hidden state", g->layers);
+	if (tokens->ndim != 2 || tokens->device != SD_DEVICE_CPU || penult->device != SD_DEVICE_CPU ||
+	    (pooled && pooled->device != SD_DEVICE_CPU))
+		return sd_seterr("text_encoder: SDXL encoding takes host tensors, tokens (N, L)");
+	const int64_t N = tokens->shape[0], L = tokens->shape[1], D = g->hidden;
+	const int64_t P = c->proj ? c->proj->shape[0] : D;
+	if (pooled && (pooled->dtype != SD_DTYPE_F32 || pooled->ndim != 2 || pooled->shape[0] != N || pooled->shape[1] != P))
+		return sd_seterr("text_encoder: pooled is %s, expected f32 (%lld, %lld)",
+		                 sd_shape_str(pooled->ndim, pooled->shape, s1, sizeof s1), (long long)N, (long long)P);
+	sd_tensor *hidden = sd_tensor_newv(SD_DTYPE_F32, 4, (int64_t)g->layers + 1, N, L, D);
+	sd_tensor *last = sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D);
+	sd_tensor *ps = pooled ? sd_tensor_newv(SD_DTYPE_F32, 2, N, D) : NULL;
+	int rc = !hidden || !last || (pooled && !ps) ? -1 : sd_clip_encode(c, last, tokens, 0, hidden);
+	if (rc == 0) {
+		sd_tensor h = slice0(hidden, g->layers - 1);
+		rc = sd_tensor_copy(penult, &h);
+	}
+	for (int64_t b = 0; rc == 0 && pooled && b < N; b++) {
+		/* transformers: eos_token_id 2 (the configs SD ships) takes argmax(input_ids), the first
+		 * largest id (<|endoftext|>); other ids take the first position holding eos_token_id */
+		int64_t at = -1, best = INT64_MIN;
+		for (int64_t k = 0; k < L; k++) {
+			int64_t v = tokens->dtype == SD_DTYPE_I64 ? ((const int64_t *)tokens->data)[b * L + k]
+			                                          : ((const int32_t *)tokens->data)[b * L + k];
+			if (c->eos_id == 2 ? v > best : v == c->eos_id && at < 0) at = k, best = v;
+		}
+		if (at < 0) at = L - 1;
+		memcpy((float *)ps->data + b * D, (const float *)last->data + (b * L + at) * D, (size_t)D * sizeof(float));
+	}
+	if (rc == 0 && pooled) rc = c->proj ? sd_linear(pooled, ps, c->proj, NULL) : sd_tensor_copy(pooled, ps);
+	sd_tensor_free(hidden);
+	sd_tensor_free(last);
+	sd_tensor_free(ps);
+	return rc;
+}
+
+int sd_clip_encode_sdxl_pair(sd_clip *te1, sd_clip *te2, const sd_tensor *tok1, const sd_tensor *tok2,
+                             sd_tensor **context, sd_tensor **pooled)
+{
+	char s1[96], s2[96];
+	*context = *pooled = NULL;
+	if (tok1->ndim != 2 || tok2->ndim != 2 || tok1->shape[0] != tok2->shape[0] || tok1->shape[1] != tok2->shape[1])
+		return sd_seterr("the two token tensors are %s and %s, expected the same (N, L)",
+		                 sd_shape_str(tok1->ndim, tok1->shape, s1, sizeof s1),
+		                 sd_shape_str(tok2->ndim, tok2->shape, s2, sizeof s2));
+	const int64_t N = tok1->shape[0], L = tok1->shape[1], D1 = te1->cfg.hidden, D2 = te2->cfg.hidden;
+	const int64_t P = te2->proj ? te2->proj->shape[0] : D2;
+	sd_tensor *a = sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D1), *b = sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D2);
+	sd_tensor *ctx = sd_tensor_newv(SD_DTYPE_F32, 3, N, L, D1 + D2), *pl = sd_tensor_newv(SD_DTYPE_F32, 2, N, P);
+	int rc = !a || !b || !ctx || !pl ? -1 : 0;
+	if (rc == 0 && sd_clip_encode_sdxl(te1, a, NULL, tok1) < 0) rc = sd_preerr("text_encoder");
+	if (rc == 0 && sd_clip_encode_sdxl(te2, b, pl, tok2) < 0) rc = sd_preerr("text_encoder_2");
+	for (int64_t r = 0; rc == 0 && r < N * L; r++) { /* torch.cat([e1, e2], dim=-1) */
+		float *o = (float *)ctx->data + r * (D1 + D2);
+		memcpy(o, (const float *)a->data + r * D1, (size_t)D1 * sizeof(float));
+		memcpy(o + D1, (const float *)b->data + r * D2, (size_t)D2 * sizeof(float));
+	}
+	sd_tensor_free(a);
+	sd_tensor_free(b);
+	if (rc < 0) {
+		sd_tensor_free(ctx);
+		sd_tensor_free(pl);
+		return -1;
+	}
+	*context = ctx;
+	*pooled = pl;
 	return 0;
 }

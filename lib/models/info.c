@@ -42,6 +42,7 @@ int sd_model_summarize(FILE *out, const char *path, const char *config_dir)
 	for (int c = 0; c < SD_COMPONENT_COUNT; c++) {
 		const char *name = sd_component_name((enum sd_component)c);
 		if (!sd_model_has(m, (enum sd_component)c)) {
+			if (c == SD_TEXT_ENCODER_2) continue; /* SDXL's; not worth a line for the others */
 			fprintf(out, "  %-12s  absent\n", name);
 			continue;
 		}

@@ -174,7 +174,7 @@ int ldm_map_name(enum sd_component c, const struct ldm_geom *g, const char *name
 {
 	const char *s = name;
 	*flags = 0;
-	if ((unsigned)c >= SD_COMPONENT_COUNT || !eat(&s, prefixes[c])) return 0;
+	if ((unsigned)c >= SD_COMPONENT_COUNT || !prefixes[c] || !eat(&s, prefixes[c])) return 0;
 	switch (c) {
 	case SD_TEXT_ENCODER:
 		/* transformers >= 4.x nests CLIPTextModel's weights under text_model.; older files do not */
@@ -205,7 +205,7 @@ int ldm_geom_scan(struct ldm_geom *g, enum sd_component c, int n,
 	memset(g, 0, sizeof *g);
 	for (int k = 0; k < n; k++) {
 		const char *s = names(ctx, k);
-		if (!s || (unsigned)c >= SD_COMPONENT_COUNT || !eat(&s, prefixes[c])) continue;
+		if (!s || (unsigned)c >= SD_COMPONENT_COUNT || !prefixes[c] || !eat(&s, prefixes[c])) continue;
 		if (c == SD_VAE) {
 			g->vae_up_blocks = count_after(s, "decoder.up.", g->vae_up_blocks);
 		} else if (c == SD_UNET) {

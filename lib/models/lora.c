@@ -892,6 +892,7 @@ static int check_comp(const sd_weights *w, enum sd_component c, const char *fn)
 
 int sd_lora_attach_clip(sd_lora *s, sd_clip *c, sd_weights *w)
 {
+	if (w && sd_weights_component(w) == SD_TEXT_ENCODER_2) return apply(s, w, c, find_clip);
 	if (check_comp(w, SD_TEXT_ENCODER, "sd_lora_attach_clip") < 0) return -1;
 	return apply(s, w, c, find_clip);
 }

@@ -367,10 +367,11 @@ int sd_model_write_single(const char *path, sd_weights *const ws[SD_COMPONENT_CO
 
 static const char *const weight_file[SD_COMPONENT_COUNT] = {
 	[SD_TEXT_ENCODER] = "model.safetensors", [SD_VAE] = "diffusion_pytorch_model.safetensors",
-	[SD_UNET] = "diffusion_pytorch_model.safetensors",
+	[SD_UNET] = "diffusion_pytorch_model.safetensors", [SD_TEXT_ENCODER_2] = "model.safetensors",
 };
 static const char *const class_name[SD_COMPONENT_COUNT] = {
 	[SD_TEXT_ENCODER] = "CLIPTextModel", [SD_VAE] = "AutoencoderKL", [SD_UNET] = "UNet2DConditionModel",
+	[SD_TEXT_ENCODER_2] = "CLIPTextModelWithProjection",
 };
 
 static const char default_scheduler[] =
@@ -481,7 +482,7 @@ static int write_component(const char *root, enum sd_component c, const sd_weigh
 	int rc = 0;
 	if (!cfg || !json_is_object(cfg)) rc = sd_seterr("%s: config: %s", cn, cfg ? "not an object" : err.text);
 	if (rc == 0) {
-		if (c == SD_TEXT_ENCODER) {
+		if (c == SD_TEXT_ENCODER || c == SD_TEXT_ENCODER_2) {
 			if (!json_object_get(cfg, "architectures"))
 				json_object_set_new(cfg, "architectures", json_pack("[s]", class_name[c]));
 			if (!json_object_get(cfg, "model_type")) json_object_set_new(cfg, "model_type", json_string("clip_text_model"));
@@ -546,7 +547,8 @@ int sd_model_write_diffusers(const char *dir, sd_weights *const ws[SD_COMPONENT_
 		rc = write_component(tmp, c, ws[c], dtype);
 		if (rc == 0)
 			json_object_set_new(index, sd_component_name(c),
-			                    json_pack("[ss]", c == SD_TEXT_ENCODER ? "transformers" : "diffusers", class_name[c]));
+			                    json_pack("[ss]", c == SD_TEXT_ENCODER || c == SD_TEXT_ENCODER_2 ? "transformers" : "diffusers",
+			                              class_name[c]));
 	}
 	if (rc == 0) { /* scheduler */
 		const char *text = scheduler_json && *scheduler_json ? scheduler_json : default_scheduler;

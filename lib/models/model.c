@@ -29,8 +29,13 @@
 #include "model.h"
 
 static const char *const component_names[SD_COMPONENT_COUNT] = {
-	[SD_TEXT_ENCODER] = "text_encoder", [SD_VAE] = "vae", [SD_UNET] = "unet",
+	[SD_TEXT_ENCODER] = "text_encoder", [SD_VAE] = "vae", [SD_UNET] = "unet", [SD_TEXT_ENCODER_2] = "text_encoder_2",
 };
+
+static int is_text(enum sd_component c)
+{
+	return c == SD_TEXT_ENCODER || c == SD_TEXT_ENCODER_2;
+}
 
 const char *sd_component_name(enum sd_component c)
 {
@@ -147,8 +152,9 @@ struct sd_model {
 	/* single file and ckpt: one file for all */
 	struct src all;                         /* a .ckpt is read on first use */
 	int has[SD_COMPONENT_COUNT];            /* -1: not known until the .ckpt is read */
-	char *tokenizer_dir;
+	char *tokenizer_dir, *tokenizer_2_dir;
 	char *scheduler_json;
+	int force_zeros;                        /* model_index.json force_zeros_for_empty_prompt */
 };
 
 /* Weights file names tried in a component folder, in order (safetensors first, plain before fp16). */
@@ -184,15 +190,23 @@ static int ensure_ckpt(sd_model *m)
 static int read_extras(sd_model *m, const char *dir)
 {
 	char *tok = join(dir, "tokenizer"), *vocab = tok ? join(tok, "vocab.json") : NULL;
-	char *sched = join(dir, "scheduler/scheduler_config.json");
+	char *tok2 = join(dir, "tokenizer_2"), *vocab2 = tok2 ? join(tok2, "vocab.json") : NULL;
+	char *sched = join(dir, "scheduler/scheduler_config.json"), *index = join(dir, "model_index.json");
 	int rc = 0;
-	if (!tok || !vocab || !sched) {
+	if (!tok || !vocab || !sched || !tok2 || !vocab2 || !index) {
 		rc = -1;
 	} else {
 		if (is_file(vocab)) {
 			m->tokenizer_dir = tok;
 			tok = NULL;
 		}
+		if (is_file(vocab2)) {
+			m->tokenizer_2_dir = tok2;
+			tok2 = NULL;
+		}
+		json_t *ix = is_file(index) ? json_load_file(index, 0, NULL) : NULL;
+		m->force_zeros = json_is_true(json_object_get(ix, "force_zeros_for_empty_prompt"));
+		json_decref(ix);
 		if (is_file(sched)) {
 			size_t len;
 			m->scheduler_json = sd_read_file(sched, 1 << 20, &len);
@@ -201,7 +215,10 @@ static int read_extras(sd_model *m, const char *dir)
 	}
 	free(tok);
 	free(vocab);
+	free(tok2);
+	free(vocab2);
 	free(sched);
+	free(index);
 	return rc;
 }
 
@@ -316,6 +333,7 @@ void sd_model_close(sd_model *m)
 	free(m->path);
 	free(m->config_dir);
 	free(m->tokenizer_dir);
+	free(m->tokenizer_2_dir);
 	free(m->scheduler_json);
 	free(m);
 }
@@ -343,6 +361,16 @@ int sd_model_has(const sd_model *m, enum sd_component c)
 const char *sd_model_tokenizer_dir(const sd_model *m)
 {
 	return m->tokenizer_dir;
+}
+
+const char *sd_model_tokenizer_2_dir(const sd_model *m)
+{
+	return m->tokenizer_2_dir;
+}
+
+int sd_model_force_zeros(const sd_model *m)
+{
+	return m->force_zeros;
 }
 
 const char *sd_model_scheduler_json(const sd_model *m)
@@ -446,6 +474,8 @@ static int squeeze(struct ent *e, int want)
 static const char *const shape_keys[SD_COMPONENT_COUNT][10] = {
 	[SD_TEXT_ENCODER] = { "hidden_size", "intermediate_size", "num_hidden_layers",
 	                      "max_position_embeddings", "vocab_size" },
+	[SD_TEXT_ENCODER_2] = { "hidden_size", "intermediate_size", "num_hidden_layers",
+	                        "max_position_embeddings", "vocab_size" },
 	[SD_VAE] = { "in_channels", "out_channels", "block_out_channels", "layers_per_block",
 	             "latent_channels", "down_block_types", "up_block_types" },
 	[SD_UNET] = { "in_channels", "out_channels", "block_out_channels", "layers_per_block",
@@ -496,7 +526,7 @@ static json_t *infer_config(const struct ents *L, enum sd_component c)
 	const struct ent *e, *f;
 	int ok = o != NULL, n, pick[MAX_BLOCKS];
 	if (!o) sd_seterr("out of memory");
-	if (ok && c == SD_TEXT_ENCODER) {
+	if (ok && is_text(c)) {
 		ok = (e = need(L, c, "text_model.embeddings.token_embedding.weight", 2)) &&
 		     (f = need(L, c, "text_model.embeddings.position_embedding.weight", 2)) &&
 		     set(o, "vocab_size", json_integer(e->shape[0])) == 0 &&
@@ -627,7 +657,7 @@ static int check_config(enum sd_component c, const json_t *given, const json_t *
  */
 static int fill_heads(json_t *cfg, enum sd_component c, const char *path)
 {
-	if (c == SD_TEXT_ENCODER) {
+	if (is_text(c)) {
 		json_int_t hidden = json_integer_value(json_object_get(cfg, "hidden_size"));
 		json_t *h = json_object_get(cfg, "num_attention_heads");
 		if (!h || json_is_null(h)) {
@@ -674,7 +704,7 @@ static int collect_diffusers(sd_model *m, enum sd_component c, struct ents *L, j
 	if (!s->st && !s->ck && !(s->ck = sd_ckpt_open(m->comp_file[c]))) return -1;
 	for (int i = 0; i < src_count(s); i++) {
 		const char *name = src_name(s, i);
-		if (c == SD_TEXT_ENCODER && strcmp(name, "text_model.embeddings.position_ids") == 0) continue;
+		if (is_text(c) && strcmp(name, "text_model.embeddings.position_ids") == 0) continue;
 		if (ents_add(L, name, src_tensor(s, i)) < 0) return -1;
 	}
 	char *file = join(m->comp_dir[c], "config.json");
@@ -705,6 +735,9 @@ static int collect_single(sd_model *m, enum sd_component c, struct ents *L, json
 			if (!strncmp(src_name(s, i), "cond_stage_model.model.", 23))
 				return sd_seterr("%s: the text encoder is OpenCLIP's (Stable Diffusion 2.x), which is "
 				                 "not supported", m->path);
+		if (!ldm_prefix(c))
+			return sd_seterr("%s: model has no %s (single files hold no second text encoder here: "
+			                 "SDXL single-file checkpoints are not supported)", m->path, component_names[c]);
 		return sd_seterr("%s: model has no %s (no %s* tensors)", m->path, component_names[c],
 		                 ldm_prefix(c));
 	}

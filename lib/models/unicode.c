@@ -20,6 +20,7 @@
  * noted at the functions; they only matter for text that looks like mojibake.
  */
 #include "unicode.h"
+#include "sd.h"
 
 #include <pthread.h>
 #include <stdlib.h>
@@ -152,6 +153,19 @@ int uni_from_utf8(const char *str, size_t n, uni_buf *out, size_t *bad)
 		i += k;
 	}
 	return 0;
+}
+
+long sd_utf8_invalid_at(const char *str, size_t n)
+{
+	const unsigned char *s = (const unsigned char *)str;
+	uint32_t cp;
+	for (size_t i = 0; i < n;) {
+		int k = utf8_seq(s + i, n - i, &cp, 0);
+		if (!k)
+			return (long)i;
+		i += k;
+	}
+	return -1;
 }
 
 /* Decode bytes as UTF-8 (or utf-8-variants) into out; -2 when they are not. */

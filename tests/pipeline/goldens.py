@@ -10,7 +10,8 @@
   python3 goldens.py get STREAM KEY[.KEY]... [FRAME]
       print a metadata value of a frame (e.g. sampler.step), as JSON
   python3 goldens.py frame OUT KEY=GOLDEN.safetensors:NAME[INDEX] ... [sampler=JSON]
-      write one frame whose tensors come from golden files (f32) and whose "sampler" map is JSON
+      write one frame whose tensors come from golden files (f32; i32 for the token keys) and whose
+      "sampler" map is JSON
 """
 import json
 import re
@@ -188,6 +189,9 @@ def main():
             vals, shape = golden(gpath, spec)
             if key in ('context', 'uncond_context') and len(shape) == 2:
                 shape = [1] + shape
+            if key in ('tokens', 'uncond_tokens', 'tokens_2', 'uncond_tokens_2'):
+                fr[key] = {'dtype': 'i32', 'shape': shape, 'data': struct.pack('<%di' % len(vals), *[int(v) for v in vals])}
+                continue
             fr[key] = {'dtype': 'f32', 'shape': shape, 'data': struct.pack('<%df' % len(vals), *vals)}
         open(out, 'wb').write(pack(fr))
         return 0

@@ -383,7 +383,7 @@ static void check_merged_weights(const kind *k, const char *model, sd_lora *s, d
 		sd_model_close(m);
 		return;
 	}
-	for (int c = 0; c < SD_COMPONENT_COUNT; c++) {
+	for (int c = 0; c < SD_TEXT_ENCODER_2; c++) {
 		sd_weights *w = sd_weights_load(m, c, SD_DEVICE_CPU);
 		if (!w || (s && sd_lora_merge(s, w) < 0)) {
 			printf("  %s: %s\n", sd_component_name(c), sd_errmsg());
@@ -605,7 +605,7 @@ TEST(ldm_names)
 		goto out;
 	}
 	int total = 0, found = 0;
-	for (int c = 0; c < SD_COMPONENT_COUNT; c++) {
+	for (int c = 0; c < SD_TEXT_ENCODER_2; c++) {
 		sd_weights *w = sd_weights_load(m, c, SD_DEVICE_CPU);
 		if (!w) {
 			test_failed_++;
@@ -655,7 +655,7 @@ TEST(write_and_reopen)
 	sd_model *m = sd_model_open(k.model, NULL);
 	sd_weights *ws[SD_COMPONENT_COUNT] = {0};
 	if (!s || !dir || !m) goto out;
-	for (int c = 0; c < SD_COMPONENT_COUNT; c++) {
+	for (int c = 0; c < SD_TEXT_ENCODER_2; c++) {
 		ws[c] = sd_weights_load(m, c, SD_DEVICE_CPU);
 		CHECK(ws[c] && sd_lora_merge(s, ws[c]) == 0);
 	}
@@ -687,7 +687,7 @@ TEST(write_and_reopen)
 	CHECK(system(cmd) == 0);
 	free(folder), free(single), free(half);
 out:
-	for (int c = 0; c < SD_COMPONENT_COUNT; c++) sd_weights_free(ws[c]);
+	for (int c = 0; c < SD_TEXT_ENCODER_2; c++) sd_weights_free(ws[c]);
 	sd_model_close(m);
 	sd_lora_free(s);
 	kind_free(&k);
