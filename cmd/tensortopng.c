@@ -102,16 +102,6 @@ static void write_png(const char *file, const char *buf, size_t len, long idx)
 	sd_info("frame %ld: wrote %s", idx, file);
 }
 
-/* Count the values of an image that are not finite and warn once about them. */
-static void check_finite(const float *px, size_t n, const char *name, long idx, int64_t img)
-{
-	size_t bad = 0;
-	for (size_t i = 0; i < n; i++) bad += !isfinite(px[i]);
-	if (bad)
-		sd_warn("%s: frame %ld: image %lld: %zu of %zu values are NaN or Inf (written as 0; +Inf as 1)", name,
-		        idx, (long long)img, bad, n);
-}
-
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -198,7 +188,7 @@ int main(int argc, char **argv)
 
 		for (int64_t n = 0; n < N; n++) {
 			const float *px = (const float *)t->data + n * stride;
-			check_finite(px, stride, name, idx, n + 1);
+			sd_warn_nonfinite(px, stride, name, idx, n + 1);
 			sd_tensor *one = sd_tensor_wrap(SD_DTYPE_F32, 3, chw, (void *)px);
 			/* a frame that no sampler made (read from a PNG, say) keeps the text it came with */
 			const char *kept = sd_map_get(frame, "sampler") ? NULL : sd_map_str(frame, "parameters");

@@ -99,6 +99,7 @@ int main(int argc, char **argv)
 		const size_t stride = (size_t)(chw[0] * chw[1] * chw[2]);
 
 		for (int64_t n = 0; n < N; n++) {
+			sd_warn_nonfinite((const float *)t->data + n * stride, stride, name, idx, n + 1);
 			sd_tensor *one = sd_tensor_wrap(SD_DTYPE_F32, 3, chw, (float *)t->data + n * stride);
 			char *buf;
 			size_t len;

@@ -28,6 +28,10 @@ void sd_die_lib(const char *fmt, ...) __attribute__((format(printf, 1, 2), noret
 void sd_usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 /* "<prog>: <message>\n" to stderr (no exit). */
 void sd_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Count the NaN and ±Inf among the n pixels of image img (from 1) of a frame and warn once when there are
+ * any ("<name>: frame F: image I: 3 of 6 values are NaN, written as 0; 2 are Inf, …"); the count of
+ * values that are not finite. */
+size_t sd_warn_nonfinite(const float *px, size_t n, const char *name, long idx, int64_t img);
 /* Progress lines with -v: "<prog>: <message>\n" to stderr when sd_verbose is set. */
 extern int sd_verbose;
 void sd_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

@@ -288,3 +288,20 @@ const sd_tensor *sd_frame_image(const sd_value *frame, const char *key, const ch
 	if (!*conv) sd_die("%s: frame %ld: \"%s\": %s", name, idx, key, sd_errmsg());
 	return *conv;
 }
+
+size_t sd_warn_nonfinite(const float *px, size_t n, const char *name, long idx, int64_t img)
+{
+	size_t nan = 0, inf = 0;
+	for (size_t i = 0; i < n; i++) {
+		nan += isnan(px[i]) != 0;
+		inf += isinf(px[i]) != 0;
+	}
+	const char *infw = "written as 1 (+Inf) or 0 (-Inf)";
+	if (nan && inf)
+		sd_warn("%s: frame %ld: image %lld: %zu of %zu values are NaN, written as 0; %zu are Inf, %s", name, idx,
+		        (long long)img, nan, n, inf, infw);
+	else if (nan || inf)
+		sd_warn("%s: frame %ld: image %lld: %zu of %zu values are %s, %s", name, idx, (long long)img,
+		        nan ? nan : inf, n, nan ? "NaN" : "Inf", nan ? "written as 0" : infw);
+	return nan + inf;
+}

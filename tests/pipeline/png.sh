@@ -327,7 +327,8 @@ pycheck nan-stream <<'EOF'
 write_frames("nan.sdt", [{"image": pack_tensor(np.array([[[np.nan, np.inf, -np.inf], [0.5, 2.0, -1.0]]]))}])
 EOF
 okpy nan-write "tensortopng -o '$T/nan.png' <'$T/nan.sdt' 2>'$T/nan.err'"
-okpy nan-warning "[ \"\$(cat '$T/nan.err')\" = 'tensortopng: stdin: frame 0: image 1: 3 of 6 values are NaN or Inf (written as 0; +Inf as 1)' ]"
+okpy nan-warning "[ \"\$(cat '$T/nan.err')\" = 'tensortopng: stdin: frame 0: image 1: 1 of 6 values are NaN, written as 0; 2 are Inf, written as 1 (+Inf) or 0 (-Inf)' ]"
+okpy nan-warning-pnm "tensortopnm <'$T/nan.sdt' >'$T/nan.pgm' 2>'$T/nanp.err' && [ \"\$(cat '$T/nanp.err')\" = 'tensortopnm: stdin: frame 0: image 1: 1 of 6 values are NaN, written as 0; 2 are Inf, written as 1 (+Inf) or 0 (-Inf)' ]"
 pycheck nan-values <<'EOF'
 a = pil("nan.png")[:, :, 0]
 print("pixels", a.tolist())
