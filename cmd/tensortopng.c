@@ -14,7 +14,6 @@
  * written atomically, and an existing file is replaced only when sdpipe wrote it (or with --force).
  */
 #include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
